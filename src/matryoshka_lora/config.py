@@ -1,0 +1,101 @@
+"""`MatryoshkaConfig`: the rank schedule plus the LoRA fields users know from PEFT."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .weighting import check_schedule, default_ranks
+
+CONFIG_NAME = "matryoshka_config.json"
+
+
+@dataclass
+class MatryoshkaConfig:
+    """How to train a nested LoRA adapter. Every method is a choice of the vector P (SPEC Eq. 7)."""
+
+    r: int = field(default=32, metadata={"help": "Maximum rank R: the size of the LoRA bottleneck that is trained."})
+    ranks: list[int] | None = field(
+        default=None,
+        metadata={"help": "Rank set S trained (and evaluated) as nested prefixes. Default: powers of two up to r, plus r."},
+    )
+    method: str = field(
+        default="matryoshka",
+        metadata={"help": "matryoshka (fixed P, Algorithm 1) | lora (plain LoRA) | dylora (one random rank per step) | custom (your weights)."},
+    )
+    scaling: str = field(
+        default="none",
+        metadata={"help": "Per-rank scale s_q: none (1) | rank (1/q) | sqrt (1/sqrt(q)). 'rank' and 'sqrt' need ~9x / ~3x larger learning rates."},
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Constant multiplier on every rank scale s_q."})
+    weights: dict[int, float] | None = field(
+        default=None,
+        metadata={"help": "method=custom only: non-negative weight per rank, {rank: weight}; P = sum_q w_q s_q P_q."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the DyLoRA rank draws (one draw per optimizer step, same on every process)."})
+    target_modules: list[str] | str = field(
+        default="all-linear",
+        metadata={"help": "Modules to adapt, as in PEFT: 'all-linear', a list of names like ['q_proj','v_proj'], or a regex."},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, as in PEFT."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter, as in PEFT (e.g. ['lm_head'])."}
+    )
+
+    def __post_init__(self):
+        if self.ranks is None and isinstance(self.r, int) and self.r >= 1:
+            self.ranks = default_ranks(self.r)
+        if self.ranks is not None:
+            self.ranks = sorted(self.ranks) if all(isinstance(q, int) for q in self.ranks) else list(self.ranks)
+        if self.weights is not None and isinstance(self.weights, dict):
+            self.weights = {int(q): float(w) for q, w in self.weights.items()}
+        problems = []
+        try:
+            check_schedule(self.r, self.ranks, self.method, self.scaling, self.alpha, self.weights,
+                           k=self.ranks[0] if self.method == "dylora" and self.ranks else None)
+        except ValueError as e:
+            problems.append(str(e).split("\n", 1)[1])
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            problems.append(f"  - lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        if not isinstance(self.seed, int):
+            problems.append(f"  - seed={self.seed!r} must be an integer.")
+        if problems:
+            raise ValueError("Invalid MatryoshkaConfig:\n" + "\n".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["weights"] is not None:
+            d["weights"] = {str(q): w for q, w in d["weights"].items()}  # JSON keys are strings
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MatryoshkaConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown MatryoshkaConfig keys {unknown}. Valid keys: {', '.join(sorted(known))}.")
+        return cls(**d)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MatryoshkaConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not a matryoshka-lora adapter directory.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-save the adapter or restore the file.") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object with the rank schedule.")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} is invalid: {e}") from e

@@ -1,0 +1,241 @@
+"""Putting P onto a PEFT LoRA model and choosing the rank it runs at.
+
+One `RankController` per model holds the rank schedule and the current mode:
+
+- training (`set_rank(model, None)`): every layer uses the method's P (Eq. 7);
+- rank k (`set_rank(model, k)`): every layer uses `s_k P_k`, the plain rank-k prefix;
+- per layer (`set_rank(model, {pattern: k})`): each layer uses its own prefix;
+- per row (`set_row_ranks(model, [k_1, ..., k_B])`): row b of the batch uses `s_{k_b} P_{k_b}`,
+  a (B, R) mask applied to the one bottleneck (mixed-rank batches).
+
+Rank 0 zeroes the adapter output, which gives the base model exactly. Vectors come from
+`weighting.py` and are cached per (mode, device, dtype), so a training step costs one
+elementwise multiply per layer and no allocation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from . import peft_seam
+from .config import MatryoshkaConfig
+from .weighting import prefix_weights, rank_weights
+
+
+class RankController:
+    """The shared rank state of one model; each adapted layer asks it for its vector."""
+
+    def __init__(self, config: MatryoshkaConfig, layer_names: Sequence[str]):
+        self.config = config
+        self.layer_names = list(layer_names)
+        self.training_k: int | None = None  # DyLoRA's current draw
+        self._draws = 0
+        self._mode: object = None  # None | int | dict[name, int] | torch.Tensor of row ranks
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    # -- vectors ------------------------------------------------------------------------------
+    def _base_vector(self, key) -> torch.Tensor:
+        c = self.config
+        if key[0] == "train":
+            if c.method == "dylora":
+                return rank_weights(c.r, c.ranks, "dylora", c.scaling, c.alpha, k=key[1])
+            return rank_weights(c.r, c.ranks, c.method, c.scaling, c.alpha, c.weights)
+        if key[0] == "rank":
+            return prefix_weights(c.r, key[1], c.scaling, c.alpha)
+        # ("rows", tensor_id): (B, R), one prefix per row
+        rows = self._mode
+        table = torch.stack([prefix_weights(c.r, k, c.scaling, c.alpha) for k in range(c.r + 1)])  # (R+1, R)
+        return table[rows.cpu()]
+
+    def _cached(self, key, like: torch.Tensor) -> torch.Tensor:
+        full = (key, like.device, like.dtype)
+        vec = self._cache.get(full)
+        if vec is None:
+            vec = self._base_vector(key).to(device=like.device, dtype=like.dtype)
+            self._cache[full] = vec
+        return vec
+
+    def vector(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The P to multiply into `like` (lora_A's output, shape (..., R)) for layer `name`."""
+        mode = self._mode
+        if mode is None:
+            if self.config.method == "dylora" and self.training_k is None:
+                self.draw()
+            return self._cached(("train", self.training_k), like)
+        if isinstance(mode, int):
+            return self._cached(("rank", mode), like)
+        if isinstance(mode, dict):
+            return self._cached(("rank", mode[name]), like)
+        vec = self._cached(("rows", id(mode)), like)  # (B, R)
+        if like.shape[0] != vec.shape[0]:
+            raise ValueError(
+                f"Row ranks were set for a batch of {vec.shape[0]} but the model got a batch of {like.shape[0]}; "
+                "pass one rank per sequence in the batch."
+            )
+        return vec.view(vec.shape[0], *([1] * (like.dim() - 2)), vec.shape[1])
+
+    # -- modes --------------------------------------------------------------------------------
+    @property
+    def mode(self):
+        return self._mode
+
+    def set_mode(self, mode) -> None:
+        if isinstance(self._mode, torch.Tensor) or isinstance(mode, torch.Tensor):
+            self._cache = {k: v for k, v in self._cache.items() if k[0][0] != "rows"}
+        self._mode = mode
+
+    def draw(self, step: int | None = None) -> int | None:
+        """DyLoRA: draw the rank for optimizer step `step` (one draw for the whole model).
+
+        The draw is a pure function of (seed, step), so every data-parallel process draws
+        the same k and a resumed run repeats the draws of the run it continues.
+        """
+        if self.config.method != "dylora":
+            return None
+        if step is None:
+            step = self._draws
+        self._draws = step + 1
+        self.training_k = random.Random(f"{self.config.seed}:{step}").choice(self.config.ranks)
+        return self.training_k
+
+    def __call__(self, name: str):
+        """A forward hook for layer `name` that scales the bottleneck by P."""
+
+        def hook(module, inputs, output):
+            return output * self.vector(name, output)
+
+        return hook
+
+
+def get_matryoshka_model(model: torch.nn.Module, config: MatryoshkaConfig):
+    """Wrap a Hugging Face model with nested LoRA adapters (any model PEFT LoRA supports).
+
+    Args:
+        model: A transformers model (nn.Linear layers, or GPT-2 style Conv1D).
+        config: The rank schedule and LoRA targets.
+
+    Returns:
+        A `peft.PeftModel` whose LoRA layers run Eq. 7; only the adapter is trainable.
+    """
+    peft_model = peft_seam.wrap(model, peft_seam.lora_config(config.r, config.target_modules,
+                                                              config.lora_dropout, config.modules_to_save))
+    attach(peft_model, config)
+    return peft_model
+
+
+def attach(peft_model: torch.nn.Module, config: MatryoshkaConfig) -> RankController:
+    """Install the rank controller on an existing PEFT LoRA model (used by get/load)."""
+    layers = list(peft_seam.lora_layers(peft_model))
+    if not layers:
+        raise ValueError("No LoRA layers found; check target_modules (e.g. 'all-linear' or ['q_proj', 'v_proj']).")
+    controller = RankController(config, [name for name, _ in layers])
+    for name, layer in layers:
+        peft_seam.set_unit_scaling(layer)
+        peft_seam.add_bottleneck_hook(layer, controller(name))
+        layer._mlora_controller = controller
+    peft_model._mlora_controller = controller
+    return controller
+
+
+def get_controller(model: torch.nn.Module) -> RankController:
+    """Find the controller of a matryoshka model, also through DDP/Accelerate wrappers."""
+    for candidate in (model, getattr(model, "module", None)):
+        controller = getattr(candidate, "__dict__", {}).get("_mlora_controller")
+        if controller is not None:
+            return controller
+    for module in model.modules():
+        controller = module.__dict__.get("_mlora_controller")
+        if controller is not None:
+            return controller
+    raise ValueError("This model has no matryoshka adapter; wrap it with get_matryoshka_model() or load_matryoshka_model().")
+
+
+class _Restore:
+    """Returned by the setters: usable as a plain call or as a context manager that restores the mode."""
+
+    def __init__(self, controller: RankController, previous):
+        self._controller, self._previous = controller, previous
+
+    def __enter__(self):
+        return self._controller
+
+    def __exit__(self, *exc):
+        self._controller.set_mode(self._previous)
+        return False
+
+
+def _resolve(controller: RankController, rank, default: int | None) -> object:
+    r = controller.config.r
+    if rank is None:
+        return None
+    if isinstance(rank, Mapping):
+        unknown = [p for p in rank if not any(peft_seam.matches(p, n) for n in controller.layer_names)]
+        if unknown:
+            examples = ", ".join(controller.layer_names[:3])
+            raise ValueError(f"Layer patterns {unknown} match no adapted layer. Adapted layers look like: {examples}, ...")
+        fallback = r if default is None else default
+        per_layer = {}
+        for name in controller.layer_names:
+            hits = [k for p, k in rank.items() if peft_seam.matches(p, name)]
+            per_layer[name] = hits[-1] if hits else fallback
+        for k in set(per_layer.values()):
+            prefix_weights(r, k)  # validates 0 <= k <= r
+        return per_layer
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank={rank!r} must be an int in 0..{r}, a {{layer pattern: rank}} dict, or None for training.")
+    prefix_weights(r, rank)
+    return rank
+
+
+def set_rank(model: torch.nn.Module, rank: int | Mapping[str, int] | None, default: int | None = None) -> _Restore:
+    """Run the model at a rank prefix (SPEC "Inference at any rank").
+
+    Args:
+        model: A model from get_matryoshka_model / load_matryoshka_model.
+        rank: k in 0..R for every layer (0 = base model); a dict {layer pattern: k}
+            (patterns match like PEFT's rank_pattern) for per-layer ranks; or None to go
+            back to the training weighting P.
+        default: With a dict, the rank of layers no pattern matches (default: R).
+
+    Returns:
+        An object that also works as a context manager restoring the previous mode.
+
+    Raises:
+        ValueError: a rank outside 0..R or a pattern that matches no layer.
+    """
+    controller = get_controller(model)
+    previous = controller.mode
+    controller.set_mode(_resolve(controller, rank, default))
+    return _Restore(controller, previous)
+
+
+def set_row_ranks(model: torch.nn.Module, ranks: Sequence[int] | torch.Tensor | None) -> _Restore:
+    """Give each sequence of the next batches its own rank (one (B, R) mask on the bottleneck).
+
+    Args:
+        model: A matryoshka model.
+        ranks: One rank in 0..R per batch row, length B; None goes back to training mode.
+    """
+    controller = get_controller(model)
+    previous = controller.mode
+    if ranks is None:
+        controller.set_mode(None)
+    else:
+        rows = torch.as_tensor(list(ranks) if not isinstance(ranks, torch.Tensor) else ranks, dtype=torch.long)
+        r = controller.config.r
+        if rows.dim() != 1 or rows.numel() == 0 or bool(((rows < 0) | (rows > r)).any()):
+            raise ValueError(f"Row ranks must be a non-empty 1-D list of ranks in 0..{r}; got {rows.tolist()}.")
+        controller.set_mode(rows)
+    return _Restore(controller, previous)
+
+
+def draw_rank(model: torch.nn.Module, step: int | None = None) -> int | None:
+    """DyLoRA: draw this optimizer step's rank for the whole model; returns it (None for other methods)."""
+    return get_controller(model).draw(step)
+
+
+def get_rank_config(model: torch.nn.Module) -> MatryoshkaConfig:
+    return get_controller(model).config

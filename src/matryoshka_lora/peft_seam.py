@@ -1,0 +1,78 @@
+"""The one place that touches PEFT internals (LoRA layers, their factors and their scale).
+
+PEFT's LoRA forward is `y = base(x) + lora_B(lora_A(dropout(x))) * scaling`. We set
+`scaling = 1` (lora_alpha = r) and multiply the output of `lora_A` by the rank vector,
+which gives Eq. 7: `y = x W0 + x (A * P) B` with one elementwise scale and no copy of A.
+Tested against PEFT >= 0.17, < 0.22 (pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+ADAPTER = "default"
+
+
+def lora_config(r: int, target_modules, lora_dropout: float = 0.0, modules_to_save=None) -> LoraConfig:
+    """A PEFT LoraConfig whose own scale is 1, so all scaling lives in P."""
+    return LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=target_modules,
+        lora_dropout=lora_dropout,
+        modules_to_save=modules_to_save,
+        use_rslora=False,
+        bias="none",
+    )
+
+
+def wrap(model: torch.nn.Module, config: LoraConfig) -> PeftModel:
+    return get_peft_model(model, config)
+
+
+def load(model: torch.nn.Module, path, is_trainable: bool = False) -> PeftModel:
+    return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+
+
+def short_name(name: str) -> str:
+    """Module name relative to the wrapped model (what PEFT's rank_pattern keys match)."""
+    for prefix in ("base_model.model.", "module.base_model.model."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def lora_layers(model: torch.nn.Module, adapter: str = ADAPTER) -> Iterator[tuple[str, LoraLayer]]:
+    """Yield (short name, layer) for every LoRA layer that holds `adapter`, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
+            yield short_name(name), module
+
+
+def factors(layer: LoraLayer, adapter: str = ADAPTER) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw factors as PEFT stores them: lora_A (R, m) and lora_B (n, R)."""
+    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+
+
+def set_unit_scaling(layer: LoraLayer, adapter: str = ADAPTER) -> None:
+    layer.scaling[adapter] = 1.0
+
+
+def add_bottleneck_hook(layer: LoraLayer, hook: Callable, adapter: str = ADAPTER):
+    """Run `hook(module, inputs, output)` on lora_A's output, i.e. on the (..., R) bottleneck."""
+    return layer.lora_A[adapter].register_forward_hook(hook)
+
+
+def matches(pattern: str, name: str) -> bool:
+    """PEFT's rank_pattern rule: the pattern matches the whole name or a dotted suffix of it."""
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None
+
+
+def base_weight_delta_layout(layer: LoraLayer) -> bool:
+    """True when the base weight is stored (in, out) (GPT-2 Conv1D), so a delta must be transposed."""
+    return bool(getattr(layer, "fan_in_fan_out", False))

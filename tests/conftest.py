@@ -1,0 +1,48 @@
+"""Tiny models built from configs on the spot: nothing is downloaded."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
+from matryoshka_lora.peft_seam import factors, lora_layers
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def randomize_adapter(model, seed: int = 1, std: float = 0.1):
+    """PEFT starts B at zero; give every factor random values so all ranks differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for w in factors(layer):
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+    return model
+
+
+def make_model(arch="llama", seed=0, **cfg):
+    cfg.setdefault("r", 8)
+    model = get_matryoshka_model(BUILDERS[arch](seed), MatryoshkaConfig(**cfg))
+    return randomize_adapter(model).eval()
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
