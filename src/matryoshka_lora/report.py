@@ -1,0 +1,123 @@
+"""Results of a rank sweep: one JSON schema, a paper-style markdown table, and a plot.
+
+Schema (`results.json`), shared by `mlora eval`, `mlora compare`, the lm-eval path and `recommend`:
+
+    {
+      "metric": "exact_match_strict",          # headline metric, in percent
+      "ranks": [1, 2, 4, ...],
+      "base": {"exact_match_strict": 12.5, ...},       # rank 0, the base model ("PT")
+      "methods": {
+        "matryoshka": {
+          "per_rank": {"1": {"exact_match_strict": 20.0, "loss": 1.3, ...}, ...},
+          "aurac": 31.2, "log_aurac": 28.0,
+          "adapter": "runs/x/matryoshka/adapter",       # optional
+          "r": 32, "trainable_params": 123, "timings": {...}   # optional
+        }, ...
+      },
+      "config": {...}, "timings": {...}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .metrics import aurac, log_aurac
+
+
+def method_summary(per_rank: dict[int, dict[str, float]], metric: str) -> dict[str, Any]:
+    """Per-rank metrics -> {"per_rank", "aurac", "log_aurac"} on the headline metric."""
+    ranks = sorted(int(k) for k in per_rank)
+    scores = [per_rank[k][metric] if k in per_rank else per_rank[str(k)][metric] for k in ranks]
+    return {
+        "per_rank": {str(k): dict(per_rank[k] if k in per_rank else per_rank[str(k)]) for k in ranks},
+        "aurac": aurac(ranks, scores),
+        "log_aurac": log_aurac(ranks, scores),
+    }
+
+
+def scores(results: dict, method: str, metric: str | None = None) -> tuple[list[int], list[float]]:
+    metric = metric or results["metric"]
+    per_rank = results["methods"][method]["per_rank"]
+    ranks = sorted(int(k) for k in per_rank)
+    return ranks, [per_rank[str(k)][metric] for k in ranks]
+
+
+def markdown_table(results: dict, metric: str | None = None) -> str:
+    """Rows are methods, columns are PT (base), each rank, then AURAC and log-AURAC, as in the paper."""
+    metric = metric or results["metric"]
+    ranks = sorted({int(k) for m in results["methods"].values() for k in m["per_rank"]})
+    base = results.get("base") or {}
+    head = ["method", "PT"] + [f"r={k}" for k in ranks] + ["AURAC", "log-AURAC"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results["methods"].items():
+        cells = [name, _fmt(base.get(metric))]
+        cells += [_fmt(m["per_rank"].get(str(k), {}).get(metric)) for k in ranks]
+        cells += [_fmt(m.get("aurac")), _fmt(m.get("log_aurac"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nMetric: {metric}" + (" (percent)" if _is_percent(metric) else "") + "\n"
+
+
+def _is_percent(metric: str) -> bool:
+    return not any(t in metric for t in ("loss", "perplexity"))
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}"
+
+
+def plot(results: dict, path: str | Path, metric: str | None = None) -> Path:
+    """Accuracy against rank on a log2 axis; one line per method, the base model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric or results["metric"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in results["methods"]:
+        ranks, ys = scores(results, name, metric)
+        ax.plot(ranks, ys, marker="o", label=f"{name} (AURAC {results['methods'][name].get('aurac', float('nan')):.1f})")
+    base = (results.get("base") or {}).get(metric)
+    if base is not None:
+        ax.axhline(base, linestyle="--", color="gray", label="base model (PT)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(results: dict, out_dir: str | Path, stem: str = "results") -> dict[str, Path]:
+    """Write `<stem>.json`, `<stem>.md` and `<stem>.png` into out_dir; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "table": out_dir / f"{stem}.md", "plot": out_dir / f"{stem}.png"}
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(paths["json"])
+    paths["table"].write_text(markdown_table(results))
+    plot(results, paths["plot"])
+    return paths
+
+
+def load_results(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass the results.json written by `mlora eval` or `mlora compare`.")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "methods" not in data or "metric" not in data:
+        raise ValueError(f"{path} is not a matryoshka-lora results file (needs 'metric' and 'methods').")
+    return data
