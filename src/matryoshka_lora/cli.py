@@ -1,34 +1,171 @@
-"""`mlora` command line: each command maps to one library function; no logic lives here."""
+"""`mlora` command line. Each command maps to one library function; options come from the config
+dataclasses (their help text is the --help text), so the CLI holds no logic of its own."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import types
+import typing
+from pathlib import Path
+
+
+def _parse_list(cast):
+    def parse(text: str):
+        return [cast(x) for x in text.split(",") if x.strip()]
+    return parse
+
+
+def _parse_weights(text: str) -> dict[int, float]:
+    out = {}
+    for item in text.split(","):
+        q, _, w = item.partition(":")
+        if not w:
+            raise argparse.ArgumentTypeError(f"weights must look like '1:0.5,2:0.5' (rank:weight); got {text!r}")
+        out[int(q)] = float(w)
+    return out
+
+
+def _targets(text: str):
+    return text if "," not in text else [t for t in text.split(",") if t]
+
+
+def _option_kwargs(name: str, hint) -> dict:
+    """argparse kwargs for a dataclass field type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if name == "target_modules":
+        return {"type": _targets, "metavar": "NAMES"}
+    if name == "weights":
+        return {"type": _parse_weights, "metavar": "R:W,..."}
+    base = hint if not args or typing.get_origin(hint) in (list, dict) else (args[0] if len(args) == 1 else hint)
+    origin = typing.get_origin(base)
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is list:
+        (inner,) = typing.get_args(base)
+        return {"type": _parse_list(inner), "metavar": "A,B,..."}
+    if origin in (typing.Union, types.UnionType):
+        return {"type": str}
+    return {"type": base}
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """One --flag per run option (see experiment.flat_fields), grouped by section."""
+    from .experiment import SECTIONS, flat_fields
+
+    groups = {s: parser.add_argument_group(f"{s} options") for s in SECTIONS}
+    hints = {s: typing.get_type_hints(cls) for s, cls in SECTIONS.items()}
+    for key, (section, f) in flat_fields().items():
+        kwargs = _option_kwargs(f.name, hints[section][f.name])
+        default = f.default if f.default is not __import__("dataclasses").MISSING else f.default_factory()
+        groups[section].add_argument("--" + key.replace("_", "-"), dest=key, default=argparse.SUPPRESS,
+                                     help=f"{f.metadata.get('help', '')} (default: {default})", **kwargs)
+    parser.add_argument("--config", type=Path, help="YAML file with the same keys as these flags; flags override it.")
+
+
+def run_config(args):
+    """RunConfig from YAML (if --config) overridden by the flags given on the command line."""
+    from .experiment import RunConfig, flat_fields, load_yaml
+
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k in flat_fields()})
+    return RunConfig.from_flat(values)
+
+
+def _train(args):
+    from .experiment import train
+
+    result = train(run_config(args))
+    print(f"Adapter saved to {result.adapter_dir} ({result.seconds:.0f} s).")
+
+
+def _eval(args):
+    from .experiment import evaluate
+    from .report import markdown_table
+
+    run = run_config(args)
+    out = args.out or Path(args.adapter).parent / f"eval_{args.split}"
+    results = evaluate(run, args.adapter, args.split, out_dir=out)
+    print(markdown_table(results))
+    print(f"Results written to {out}/results.json, results.md, results.png")
+
+
+def _parse_lrs(items: list[str] | None) -> dict[str, list[float]]:
+    out = {}
+    for item in items or []:
+        method, _, values = item.partition("=")
+        if not values:
+            raise SystemExit(f"--lr expects METHOD=LR[,LR...], e.g. --lr matryoshka=1e-4,3e-4; got {item!r}")
+        out[method] = [float(v) for v in values.split(",")]
+    return out
+
+
+def _compare(args):
+    from .experiment import compare
+    from .report import markdown_table
+
+    run = run_config(args)
+    results = compare(run, args.methods, _parse_lrs(args.lr), args.out)
+    print(markdown_table(results))
+    print("Written: " + ", ".join(results["paths"].values()))
 
 
 def _demo(args):
     from .demo import run_demo
 
-    run_demo()
+    run_demo(out_dir=args.out, quick=args.quick)
+
+
+def _compare_options(p):
+    p.add_argument("--methods", type=_parse_list(str), default=["lora", "dylora", "matryoshka"], help="Methods to train (default: lora,dylora,matryoshka).")
+    p.add_argument("--lr", action="append", metavar="METHOD=LR[,LR..]",
+                   help="Per-method learning rate, or a grid picked by validation AURAC; repeatable.")
+    p.add_argument("--out", type=Path, default=None, help="Output directory (default: --output-dir).")
+
+
+def _eval_options(p):
+    p.add_argument("--adapter", required=True, type=Path, help="Adapter directory written by `mlora train` (<output_dir>/adapter).")
+    p.add_argument("--split", default="test", choices=["validation", "test"], help="Which split to score.")
+    p.add_argument("--out", type=Path, default=None, help="Where results.json/.md/.png go (default: next to the adapter).")
+
+
+def _demo_options(p):
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="Output directory.")
+    p.add_argument("--quick", action="store_true", help="A much smaller run (a couple of minutes) to check the setup.")
 
 
 COMMANDS = {
-    "demo": (_demo, "Train LoRA, DyLoRA and MatryoshkaLoRA on the embedded default and report every rank."),
+    "train": (_train, "Train a nested adapter (LoRA / DyLoRA / MatryoshkaLoRA) on the HF Trainer.", [add_run_options]),
+    "eval": (_eval, "Evaluate an adapter at every rank and the base model; write JSON, table and plot.",
+             [add_run_options, _eval_options]),
+    "compare": (_compare, "Train and evaluate several methods on the same data; one combined table.",
+                [add_run_options, _compare_options]),
+    "demo": (_demo, "Compare LoRA, DyLoRA and MatryoshkaLoRA on the embedded SmolLM2-135M and arithmetic task.",
+             [_demo_options]),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlora", description="Nested (Matryoshka) LoRA adapters: train once, deploy at any rank.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show info logs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (fn, help_text) in COMMANDS.items():
+    for name, (fn, help_text, adders) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        for add in adders:
+            add(p)
         p.set_defaults(func=fn)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: the message names the fix
+        print(f"mlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,139 @@
+"""Evaluate one loaded model at every rank: set_rank, score, repeat. The model is never reloaded.
+
+Prompts and targets are tokenized once; each rank only switches the cached P vector
+(`set_rank`) and runs the same batches. Rank 0 is the base model ("PT" in the paper's tables).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from ..model import get_controller, set_rank
+from ..prompts import build_prompt, encode_for_training, stop_strings
+from .generation import encode_prompts, generate, score_generations
+from .likelihood import completion_loss, multiple_choice
+
+METRICS = ("generate", "loss", "mc")
+
+
+@dataclass
+class EvalConfig:
+    """What to measure at each rank."""
+
+    eval_ranks: list[int] | None = field(default=None, metadata={"help": "Ranks to evaluate (default: the adapter's rank set). Rank 0 (base) is added."})
+    metrics: list[str] = field(default_factory=lambda: ["generate", "loss"],
+                               metadata={"help": "generate (exact match) | loss (held-out NLL) | mc (multiple choice log-likelihood)."})
+    num_fewshot: int = field(default=0, metadata={"help": "Few-shot examples from the train split in each generation prompt."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Prompts per batch when evaluating."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation length cap."})
+    include_base: bool = field(default=True, metadata={"help": "Also evaluate rank 0, the base model."})
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"Unknown metrics {unknown}. Available: {', '.join(METRICS)}")
+        if self.num_fewshot < 0 or self.eval_batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_fewshot must be >= 0; eval_batch_size and max_new_tokens >= 1.")
+
+
+def headline_metric(metrics: Sequence[str]) -> str:
+    if "generate" in metrics:
+        return "exact_match_strict"
+    if "mc" in metrics:
+        return "acc"
+    return "loss"
+
+
+class _Prepared:
+    """Everything tokenized once for the whole sweep."""
+
+    def __init__(self, tokenizer, examples, fewshot, config: EvalConfig, chat_template: bool, max_length: int):
+        self.gen = self.loss = self.mc = None
+        if "generate" in config.metrics:
+            usable = [e for e in examples if e.answer is not None]
+            if not usable:
+                raise ValueError("metric 'generate' needs examples with a gold answer (GSM8K-style '#### N'); "
+                                 "use --metrics loss for free-form completions.")
+            prompts = [build_prompt(tokenizer, e, fewshot, chat_template) for e in usable]
+            self.gen = (encode_prompts(tokenizer, prompts, add_special_tokens=not _uses_chat(tokenizer, chat_template)),
+                        [e.answer for e in usable])
+        if "loss" in config.metrics:
+            self.loss = [encode_for_training(tokenizer, e, chat_template=chat_template, max_length=max_length) for e in examples]
+        if "mc" in config.metrics:
+            usable = [e for e in examples if getattr(e, "choices", None)]
+            if not usable:
+                raise ValueError("metric 'mc' needs examples with choices and a label; set --choices-column/--label-column.")
+            self.mc = ([build_prompt(tokenizer, e, fewshot, chat_template) for e in usable],
+                       [e.choices for e in usable], [e.label for e in usable])
+
+
+def _uses_chat(tokenizer, chat_template: bool) -> bool:
+    return bool(chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar) -> dict:
+    out: dict = {}
+    if prep.gen is not None:
+        texts = generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens, config.eval_batch_size, bar)
+        scored = score_generations(texts, prep.gen[1])
+        out.update(exact_match_strict=scored["exact_match_strict"], exact_match_flexible=scored["exact_match_flexible"])
+        out["_items"] = [dict(item, text=t) for item, t in zip(scored["items"], texts)]
+    if prep.loss is not None:
+        out.update(completion_loss(model, prep.loss, config.eval_batch_size))
+    if prep.mc is not None:
+        mc = multiple_choice(model, tokenizer, *prep.mc, batch_size=config.eval_batch_size,
+                             add_special_tokens=not _uses_chat(tokenizer, True))
+        out.update(acc=mc["acc"], acc_norm=mc["acc_norm"])
+    return out
+
+
+def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), chat_template: bool = True,
+                   max_length: int = 1024, keep_items: bool = False) -> dict:
+    """Score a matryoshka model at each rank (and rank 0) on the same examples.
+
+    Args:
+        model: A model from get_matryoshka_model / load_matryoshka_model.
+        tokenizer: Its tokenizer.
+        examples: `data.Example` list (held-out split).
+        config: Ranks and metrics.
+        fewshot: Examples shown before each prompt.
+        chat_template: Format prompts with the tokenizer's chat template when it has one.
+        max_length: Token cap for the loss metric's encodings.
+        keep_items: Keep per-item generations under "items".
+
+    Returns:
+        {"metric", "ranks", "base", "per_rank": {k: {metric: value}}, "timings", ["items"]}.
+    """
+    controller = get_controller(model)
+    ranks = sorted(config.eval_ranks or controller.config.ranks)
+    prep = _Prepared(tokenizer, examples, fewshot, config, chat_template, max_length)
+    stop = stop_strings(chat_template, tokenizer)
+    todo = ([0] if config.include_base else []) + ranks
+    per_rank, timings, items = {}, {}, {}
+    model.eval()
+    n_gen = len(prep.gen[0]) if prep.gen else 0
+    with tqdm(total=n_gen * len(todo), desc="eval (generation rows)", disable=n_gen == 0) as bar:
+        for k in todo:
+            bar.set_postfix(rank=k)
+            start = time.perf_counter()
+            with set_rank(model, k):
+                scores = _score_once(model, tokenizer, prep, config, stop, bar)
+            timings[str(k)] = time.perf_counter() - start
+            item_list = scores.pop("_items", None)
+            if keep_items and item_list is not None:
+                items[str(k)] = item_list
+            per_rank[k] = scores
+    result = {
+        "metric": headline_metric(config.metrics),
+        "ranks": ranks,
+        "base": per_rank.pop(0) if config.include_base else None,
+        "per_rank": per_rank,
+        "timings": {"seconds_per_rank": timings, "n_examples": len(examples)},
+    }
+    if keep_items:
+        result["items"] = items
+    return result

