@@ -1,26 +1,41 @@
 """matryoshka-lora: train one LoRA adapter whose every rank prefix is a usable adapter."""
 
 from .config import MatryoshkaConfig
+from .data import DataConfig, Example, fewshot_examples, load_examples
+from .evaluation.extract import extract_flexible, extract_strict, is_correct
 from .metrics import aurac, log_aurac
 from .model import draw_rank, get_controller, get_matryoshka_model, set_rank, set_row_ranks
+from .prompts import build_prompt, encode_examples, encode_for_training, make_collator, stop_strings
 from .saving import load_matryoshka_model, save_matryoshka
 from .weighting import default_ranks, prefix_weights, rank_scale, rank_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataConfig",
+    "Example",
     "MatryoshkaConfig",
     "aurac",
+    "build_prompt",
     "default_ranks",
     "draw_rank",
+    "encode_examples",
+    "encode_for_training",
+    "extract_flexible",
+    "extract_strict",
+    "fewshot_examples",
     "get_controller",
     "get_matryoshka_model",
+    "is_correct",
+    "load_examples",
     "load_matryoshka_model",
     "log_aurac",
+    "make_collator",
     "prefix_weights",
     "rank_scale",
     "rank_weights",
     "save_matryoshka",
     "set_rank",
     "set_row_ranks",
+    "stop_strings",
 ]

@@ -1,0 +1,92 @@
+"""Final-answer extraction and exact match, mirroring lm-eval's `gsm8k` task (version 3.0).
+
+The task YAML (`lm_eval/tasks/gsm8k/gsm8k.yaml`) defines two filters and one metric:
+
+    strict-match      regex  "#### (\\-?[0-9\\.\\,]+)"           first match
+    flexible-extract  regex  "(-?[$0-9.,]{2,})|(-?[0-9]+)"     last match (group_select -1),
+                                                                whichever group matched
+    exact_match       regexes_to_ignore [",", "\\$", "(?s).*#### ", "\\.$"] applied in that
+                      order to prediction AND reference, then ignore_case (lower);
+                      ignore_punctuation=False
+
+lm-eval's regex filter strips whitespace from the match and returns "[invalid]" when nothing
+matches; here that case is `None`, and `is_correct` scores it as wrong (lm-eval compares
+"[invalid]" with the reference, which never equals a number). The reference may be the full
+GSM8K answer (worked steps + `#### N`) or the bare number: `(?s).*#### ` reduces both alike.
+"""
+
+from __future__ import annotations
+
+import re
+
+STRICT_REGEX = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE_REGEX = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+IGNORE_REGEXES = (",", r"\$", r"(?s).*#### ", r"\.$")
+MODES = ("strict", "flexible")
+
+
+def _select(regex: re.Pattern, text: str, index: int) -> str | None:
+    # Same steps as lm_eval.filters.extraction.RegexFilter.apply.
+    matches = regex.findall(text if isinstance(text, str) else "")
+    if not matches:
+        return None
+    match = matches[index]
+    if isinstance(match, tuple):  # several groups: keep the first one that matched
+        match = next((m for m in match if m), None)
+        if match is None:
+            return None
+    return match.strip()
+
+
+def extract_strict(text: str) -> str | None:
+    """lm-eval's strict-match: the number after the first `#### `, or None.
+
+    Example: `"2 + 3 = 5\\n#### 5"` -> `"5"`; `"the answer is 5"` -> None.
+    """
+    return _select(STRICT_REGEX, text, 0)
+
+
+def extract_flexible(text: str) -> str | None:
+    """lm-eval's flexible-extract: the last number-like span in the text, or None.
+
+    A span is either 2+ characters of `$0-9.,` (optionally after `-`) or a run of digits, so
+    `"costs $1,000."` -> `"$1,000."` (normalised later to `"1000"`).
+    """
+    return _select(FLEXIBLE_REGEX, text, -1)
+
+
+def normalize(s: str) -> str:
+    """Apply the gsm8k `exact_match` normalisation: drop `,` and `$`, everything up to the last
+    `#### `, one trailing `.`; then lower-case.
+
+    Example: `"$1,000."` -> `"1000"`; `"... #### 72"` -> `"72"`.
+    """
+    for pattern in IGNORE_REGEXES:
+        s = re.sub(pattern, "", s)
+    return s.lower()
+
+
+def extract(text: str, mode: str = "strict") -> str | None:
+    """Extract with `mode` = `strict` | `flexible`."""
+    if mode == "strict":
+        return extract_strict(text)
+    if mode == "flexible":
+        return extract_flexible(text)
+    raise ValueError(f"Unknown extraction mode {mode!r}. Available: {', '.join(MODES)}")
+
+
+def is_correct(pred_text: str, gold: str, mode: str = "strict") -> bool:
+    """Whether a model's generation gets the gold answer under lm-eval's gsm8k exact match.
+
+    Args:
+        pred_text: the raw generated continuation (after cutting at the stop strings).
+        gold: the reference: the bare answer (`"72"`) or a full GSM8K answer ending in `#### 72`.
+        mode: `strict` (`#### N` required) or `flexible` (last number in the text).
+
+    Returns:
+        True when the normalised extraction equals the normalised reference.
+    """
+    pred = extract(pred_text, mode)
+    if pred is None:
+        return False
+    return normalize(pred) == normalize(gold)
