@@ -9,11 +9,6 @@ import torch
 from .extract import extract_flexible, extract_strict, is_correct
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
-    """Tokenize prompts once; a rank sweep reuses the ids for every rank."""
-    return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-
-
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -37,7 +32,7 @@ def generate(model, tokenizer, prompt_ids: Sequence[list[int]], stop: Sequence[s
     Args:
         model: A causal LM (a matryoshka model at its current rank).
         tokenizer: Its tokenizer (decodes the new tokens).
-        prompt_ids: Token ids per prompt (from `encode_prompts`).
+        prompt_ids: Token ids per prompt (`prompts.encode_prompt`), tokenized once per sweep.
         stop: Stop strings; decoding of a row ends when one appears.
         max_new_tokens: Length cap per continuation.
         batch_size: Prompts per `generate` call (left-padded, longest first).

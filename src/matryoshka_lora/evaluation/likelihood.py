@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..prompts import encode_prompt
+
 
 def _right_pad(rows: Sequence[list[int]], pad: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
@@ -49,7 +51,7 @@ def completion_loss(model, encoded: Sequence[dict], batch_size: int = 16) -> dic
 
 
 def multiple_choice(model, tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]], labels: Sequence[int],
-                    batch_size: int = 16, add_special_tokens: bool = True) -> dict:
+                    batch_size: int = 16) -> dict:
     """lm-eval style multiple choice: pick the choice with the highest log-likelihood.
 
     `acc` uses the summed log-likelihood; `acc_norm` divides it by the choice's length in bytes.
@@ -57,12 +59,11 @@ def multiple_choice(model, tokenizer, contexts: Sequence[str], choices: Sequence
     """
     seqs, tgts, spans = [], [], []
     for ctx, opts in zip(contexts, choices):
-        ctx_ids = tokenizer(ctx, add_special_tokens=add_special_tokens)["input_ids"]
+        ctx_ids = encode_prompt(tokenizer, ctx)
         spans.append((len(seqs), len(opts)))
         for opt in opts:
-            cont = tokenizer(ctx + opt, add_special_tokens=add_special_tokens)["input_ids"][len(ctx_ids):]
-            if not cont:
-                cont = tokenizer(opt, add_special_tokens=False)["input_ids"]
+            # lm-eval's split: encode context+choice, the choice is what follows the context's ids
+            cont = encode_prompt(tokenizer, ctx + opt)[len(ctx_ids):] or encode_prompt(tokenizer, opt)
             seqs.append(ctx_ids + cont)
             tgts.append([-100] * len(ctx_ids) + cont)
     scores = token_logprobs(model, seqs, tgts, batch_size)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from ..model import get_controller, set_rank
-from ..prompts import build_prompt, encode_for_training, stop_strings
-from .generation import encode_prompts, generate, score_generations
+from ..prompts import build_prompt, encode_for_training, encode_prompt, stop_strings
+from .generation import generate, score_generations
 from .likelihood import completion_loss, multiple_choice
 
 METRICS = ("generate", "loss", "mc")
@@ -59,8 +59,7 @@ class _Prepared:
                 raise ValueError("metric 'generate' needs examples with a gold answer (GSM8K-style '#### N'); "
                                  "use --metrics loss for free-form completions.")
             prompts = [build_prompt(tokenizer, e, fewshot, chat_template) for e in usable]
-            self.gen = (encode_prompts(tokenizer, prompts, add_special_tokens=not _uses_chat(tokenizer, chat_template)),
-                        [e.answer for e in usable])
+            self.gen = ([encode_prompt(tokenizer, p) for p in prompts], [e.answer for e in usable])
         if "loss" in config.metrics:
             self.loss = [encode_for_training(tokenizer, e, chat_template=chat_template, max_length=max_length) for e in examples]
         if "mc" in config.metrics:
@@ -69,10 +68,6 @@ class _Prepared:
                 raise ValueError("metric 'mc' needs examples with choices and a label; set --choices-column/--label-column.")
             self.mc = ([build_prompt(tokenizer, e, fewshot, chat_template) for e in usable],
                        [e.choices for e in usable], [e.label for e in usable])
-
-
-def _uses_chat(tokenizer, chat_template: bool) -> bool:
-    return bool(chat_template and getattr(tokenizer, "chat_template", None))
 
 
 def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar) -> dict:
@@ -85,8 +80,7 @@ def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar
     if prep.loss is not None:
         out.update(completion_loss(model, prep.loss, config.eval_batch_size))
     if prep.mc is not None:
-        mc = multiple_choice(model, tokenizer, *prep.mc, batch_size=config.eval_batch_size,
-                             add_special_tokens=not _uses_chat(tokenizer, True))
+        mc = multiple_choice(model, tokenizer, *prep.mc, batch_size=config.eval_batch_size)
         out.update(acc=mc["acc"], acc_norm=mc["acc_norm"])
     return out
 

@@ -1,0 +1,82 @@
+"""End to end on a tiny local model: mlora train / eval / compare, from the CLI, nothing downloaded."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from matryoshka_lora import aurac, log_aurac
+from matryoshka_lora.cli import main
+from tiny_tokenizer import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def common(model_dir, out):
+    return ["--model", str(model_dir), "--dataset", "arith", "--num-train", "24", "--num-eval", "6",
+            "--validation-size", "6", "--max-steps", "3", "--batch-size", "4", "--r", "4", "--ranks", "1,2,4",
+            "--max-new-tokens", "12", "--eval-batch-size", "6", "--disable-tqdm", "--logging-steps", "1",
+            "--max-length", "1024", "--output-dir", str(out)]
+
+
+def test_train_then_eval(tiny_model_dir, tmp_path, capsys):
+    assert main(["train", *common(tiny_model_dir, tmp_path / "run"), "--method", "dylora"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "matryoshka_config.json").is_file()
+    curve = json.loads((tmp_path / "run" / "loss_curve.json").read_text())
+    assert [c["step"] for c in curve] == [1, 2, 3]
+    meta = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert [k for _, k in meta["dylora_draws"]] and all(k in (1, 2, 4) for _, k in meta["dylora_draws"])
+    assert main(["eval", *common(tiny_model_dir, tmp_path / "run"), "--adapter", str(adapter),
+                 "--metrics", "generate,loss", "--out", str(tmp_path / "ev")]) == 0
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["ranks"] == [1, 2, 4] and set(res["methods"]) == {"dylora"}
+    per_rank = res["methods"]["dylora"]["per_rank"]
+    assert set(per_rank) == {"1", "2", "4"} and {"exact_match_strict", "exact_match_flexible", "loss"} <= set(per_rank["1"])
+    assert res["base"]["loss"] > 0
+    # the adapter changes the model: rank 4 loss differs from the base model's
+    assert per_rank["4"]["loss"] != pytest.approx(res["base"]["loss"], abs=1e-6)
+    assert "| dylora |" in capsys.readouterr().out
+
+
+def test_compare_writes_consistent_json_table_plot(tiny_model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", *common(tiny_model_dir, out), "--methods", "lora,dylora,matryoshka",
+            "--lr", "matryoshka=1e-3,3e-3", "--metrics", "generate,loss"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["lora", "dylora", "matryoshka"]
+    assert res["metric"] == "exact_match_strict" and res["base"] is not None
+    for name, m in res["methods"].items():
+        ranks = sorted(int(k) for k in m["per_rank"])
+        acc = [m["per_rank"][str(k)]["exact_match_strict"] for k in ranks]
+        assert ranks == [1, 2, 4]
+        assert m["aurac"] == pytest.approx(aurac(ranks, acc)) and m["log_aurac"] == pytest.approx(log_aurac(ranks, acc))
+    grid = res["methods"]["matryoshka"]["grid"]
+    assert [g["learning_rate"] for g in grid] == [1e-3, 3e-3]
+    assert res["methods"]["matryoshka"]["learning_rate"] in (1e-3, 3e-3)
+    table = (out / "results.md").read_text()
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 4 and "AURAC" in table  # header + 3 rows
+    assert (out / "results.png").stat().st_size > 1000
+    # resumable: a second call reuses every finished run (no training: the adapters are not rewritten)
+    stamp = (out / "lora" / "lr0.0003" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "lora" / "lr0.0003" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((out / "results.json").read_text())["methods"]["lora"]["per_rank"] == res["methods"]["lora"]["per_rank"]
+
+
+def test_bad_option_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    assert main(["train", *common(tiny_model_dir, tmp_path / "x"), "--ranks", "1,8"]) == 2
+    assert "larger than r=4" in capsys.readouterr().err
