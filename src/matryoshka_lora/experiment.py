@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class RunConfig:
         parts: dict[str, dict] = {s: {} for s in SECTIONS}
         for key, value in values.items():
             section, f = fields[key]
-            parts[section][f.name] = value
+            parts[section][f.name] = _coerce(value, typing.get_type_hints(SECTIONS[section])[f.name])
         if "seed" in values:
             parts["adapter"]["seed"] = values["seed"]
         built, problems = {}, []
@@ -97,6 +98,16 @@ class RunConfig:
 
     def replace(self, **flat) -> RunConfig:
         return RunConfig.from_flat({**self.to_flat(), **flat})
+
+
+def _coerce(value, hint):
+    """YAML reads `1e-4` as a string (YAML 1.1); turn numeric strings into the field's number type."""
+    if isinstance(value, str) and (hint is float or float in typing.get_args(hint)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_yaml(path: str | Path) -> dict:

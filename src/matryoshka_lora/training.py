@@ -90,6 +90,7 @@ class TrainConfig:
             remove_unused_columns=False,
             disable_tqdm=self.disable_tqdm,
             optim="adamw_torch",
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
 
 
