@@ -1,6 +1,7 @@
 """Export: a rank-k prefix loaded by plain PEFT gives the logits of set_rank(k); bad input fails cleanly."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -77,6 +78,19 @@ def test_export_from_memory_equals_export_from_directory(arch, tmp_path):
     assert sorted(ca["target_modules"]) == sorted(cb["target_modules"])
 
 
+def test_modules_to_save_travel_with_the_prefix(tmp_path, input_ids):
+    model = make_model("llama", r=8, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.5)  # a trained head that differs from the base one
+    out = export_rank(model, 2, tmp_path / "r2")
+    assert "base_model.model.lm_head.weight" in load_file(str(out / "adapter_model.safetensors"))
+    with set_rank(model, 2):
+        torch.testing.assert_close(plain_peft("llama", out)(input_ids=input_ids).logits,
+                                   model(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
 MIXED = {
     # overlapping patterns (last one wins, as in set_rank), a layer switched off (0), a default
     "llama": ({r"layers\.0\..*": 2, "q_proj": 8, r"layers\.1\.self_attn\.v_proj": 0}, 4),
@@ -132,7 +146,7 @@ def test_plain_peft_in_fresh_process_without_matryoshka(tmp_path, input_ids):
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "base")
     torch.save(input_ids, tmp_path / "ids.pt")
     code = LOAD_SCRIPT.format(path=str(out), ids=str(tmp_path / "ids.pt"), out=str(tmp_path / "logits.safetensors"))
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
     with set_rank(model, 2):
         expected = model(input_ids=input_ids).logits

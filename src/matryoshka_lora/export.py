@@ -7,8 +7,8 @@ A rank-k prefix is an ordinary rank-k LoRA adapter (SPEC "Inference at any rank"
     lora_alpha = s_k * k,  so PEFT's own scale lora_alpha / r equals s_k = rank_scale(k).
 
 One rule for every scaling (none / rank / sqrt): `use_rslora` is never set, because PEFT's
-rslora scale `lora_alpha / sqrt(r)` would only cover "sqrt" and does not mix with the
-`rank_pattern` / `alpha_pattern` that per-layer exports need. `lora_alpha` is therefore a
+rslora scale `lora_alpha / sqrt(r)` would only cover "sqrt", and PEFT does not support it
+together with the `rank_pattern` / `alpha_pattern` of per-layer exports in every path. `lora_alpha` is therefore a
 float for "sqrt" (e.g. 2.0 for k=4, alpha=1), which PEFT and vLLM accept.
 
 Per-layer ranks ({layer pattern: k}) become PEFT's `rank_pattern` / `alpha_pattern`; a layer
@@ -204,7 +204,7 @@ def open_source(source) -> Iterator[_Source]:
     if isinstance(source, torch.nn.Module):
         config = get_controller(source).config
         state = peft_seam.adapter_state_dict(source)
-        layers, extra = _index(list(state), "the model")
+        layers, extra = _index(list(state), "The model")
 
         def read(key, k=None, factor=None):
             return _prefix(state[key].detach(), k, factor).contiguous().clone()
@@ -212,7 +212,7 @@ def open_source(source) -> Iterator[_Source]:
         def meta(key):
             return _TORCH_DTYPES[state[key].dtype], list(state[key].shape)
 
-        yield _Source(config, peft_seam.adapter_config_dict(source), layers, extra, "the model", read, meta)
+        yield _Source(config, peft_seam.adapter_config_dict(source), layers, extra, "a model in memory", read, meta)
         return
     directory = Path(source)
     config = check_adapter_dir(directory)
@@ -227,7 +227,7 @@ def open_source(source) -> Iterator[_Source]:
             s = f.get_slice(key)
             return s.get_dtype(), list(s.get_shape())
 
-        yield _Source(config, peft_config, layers, extra, str(directory), read, meta)
+        yield _Source(config, peft_config, layers, extra, f"`{directory}`", read, meta)
 
 
 # -- the rank-k adapter -----------------------------------------------------------------------
@@ -426,7 +426,7 @@ def _adapter_card(src: _Source, ranks, cfg, size: int, params: int, results, met
         ("scale", _scale_text(ranks, c)),
         ("adapter file", f"`{WEIGHTS_NAME}`, {size:,} bytes"),
         ("trainable parameters", f"{params:,}"),
-        ("source", f"nested adapter `{src.origin}`: method {c.method}, r = {c.r}, "
+        ("source", f"nested adapter {src.origin}: method {c.method}, r = {c.r}, "
                    f"trained ranks {', '.join(map(str, c.ranks))}"),
     ]
     uniform = set(ranks.values())

@@ -73,10 +73,12 @@ def merge_rank(
     """
     controller = get_controller(model)
     layers = list(peft_seam.lora_layers(model))
-    merged = [name for name, layer in layers if hasattr(layer, _MERGED)]
+    merged = [(name, layer) for name, layer in layers if hasattr(layer, _MERGED) or peft_seam.is_merged(layer)]
     if merged:
-        raise ValueError(f"The model is already merged (layer {merged[0]} at rank "
-                         f"{getattr(dict(layers)[merged[0]], _MERGED)}); call unmerge(model) first.")
+        name, layer = merged[0]
+        how = f"at rank {getattr(layer, _MERGED)}; call unmerge(model)" if hasattr(layer, _MERGED) \
+            else "by PEFT; call model.unmerge_adapter()"
+        raise ValueError(f"The model is already merged (layer {name} {how} first).")
     ranks = resolve_ranks(controller.config, controller.layer_names, rank, default, allow_untrained)
     for name, layer in layers:
         k = ranks[name]

@@ -97,7 +97,7 @@ def lora_key(module: str, factor: str) -> str:
 
 def is_unsupported_key(key: str) -> bool:
     """Adapter tensors a rank prefix cannot be cut from (embedding LoRA, DoRA magnitudes)."""
-    return any(t in key for t in ("lora_embedding_", "lora_magnitude_vector", "lora_bias"))
+    return any(t in key for t in ("lora_embedding_", "lora_magnitude_vector", ".lora_B.bias"))
 
 
 def adapter_config_dict(model: torch.nn.Module, adapter: str = ADAPTER) -> dict:
