@@ -9,6 +9,10 @@ from matryoshka_lora.peft_seam import factors, lora_layers
 
 VOCAB = 128
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads
+# contending with other processes make each matmul 10-20x slower.
+torch.set_num_threads(1)
+
 
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)

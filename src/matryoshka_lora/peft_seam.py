@@ -76,3 +76,69 @@ def matches(pattern: str, name: str) -> bool:
 def base_weight_delta_layout(layer: LoraLayer) -> bool:
     """True when the base weight is stored (in, out) (GPT-2 Conv1D), so a delta must be transposed."""
     return bool(getattr(layer, "fan_in_fan_out", False))
+
+
+# -- deployment: export, merge, unload --------------------------------------------------------
+# PEFT's file layout: adapter_config.json plus safetensors keys "base_model.model.<module>.lora_A.weight".
+KEY_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def parse_lora_key(key: str) -> tuple[str, str] | None:
+    """`base_model.model.<module>.lora_A.weight` -> (module, "A"); None for any other tensor."""
+    m = _LORA_KEY.match(key)
+    return (m["module"], m["factor"]) if m else None
+
+
+def lora_key(module: str, factor: str) -> str:
+    """The safetensors key PEFT writes for factor "A" or "B" of `module`."""
+    return f"{KEY_PREFIX}{module}.lora_{factor}.weight"
+
+
+def is_unsupported_key(key: str) -> bool:
+    """Adapter tensors a rank prefix cannot be cut from (embedding LoRA, DoRA magnitudes)."""
+    return any(t in key for t in ("lora_embedding_", "lora_magnitude_vector", ".lora_B.bias"))
+
+
+def adapter_config_dict(model: torch.nn.Module, adapter: str = ADAPTER) -> dict:
+    """The adapter config as PEFT writes it to adapter_config.json (sets become sorted lists)."""
+    config = model.peft_config[adapter]
+    out = config.to_dict()
+    for key, value in out.items():
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    out["inference_mode"] = True
+    if out.get("base_model_name_or_path") is None:
+        out["base_model_name_or_path"] = getattr(model.get_base_model(), "name_or_path", None) or None
+    return out
+
+
+def adapter_state_dict(model: torch.nn.Module, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
+    """The adapter tensors under the keys PEFT writes to adapter_model.safetensors."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter)
+
+
+def base_weight(layer: LoraLayer) -> torch.Tensor:
+    """The frozen weight W0 under the LoRA layer: (n, m), or (m, n) for GPT-2 Conv1D."""
+    return layer.get_base_layer().weight
+
+
+def set_merged(layer: LoraLayer, merged: bool, adapter: str = ADAPTER) -> None:
+    """Mark the adapter as merged into W0, so PEFT's forward runs the base layer alone.
+
+    While marked, PEFT's own `unmerge()` / `disable_adapter()` would subtract PEFT's full-rank
+    delta, not ours: undo a rank merge with `merge.unmerge` only.
+    """
+    others = [a for a in layer.merged_adapters if a != adapter]
+    layer.merged_adapters = others + [adapter] if merged else others  # new list: never mutate a shared default
+
+
+def is_merged(layer: LoraLayer, adapter: str = ADAPTER) -> bool:
+    return adapter in layer.merged_adapters
+
+
+def unload(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every LoRA layer by its base layer and return the plain transformers model."""
+    return model.unload()
