@@ -20,6 +20,7 @@ CASES = [
     (dict(r=8, ranks=[1, 2, 4, 8], method="dylora", k=4, scaling="rank"), [0.25] * 4 + [0] * 4),
     (dict(r=8, ranks=[1, 2, 4, 8], method="dylora", k=4, scaling="sqrt"), [0.5] * 4 + [0] * 4),
     (dict(r=4, ranks=[1, 2, 4], method="custom", weights={1: 1.0, 2: 0.0, 4: 0.5}), [1.5, 0.5, 0.5, 0.5]),
+    (dict(r=4, ranks=[1, 2, 4], method="multirank"), [1.0, 2 / 3, 1 / 3, 1 / 3]),  # its surrogate: mean of s_q P_q
     (dict(r=4, ranks=[1, 2, 4], method="custom", weights=[0.25, 0.25, 0.5], scaling="rank"),
      [0.25 + 0.125 + 0.125, 0.125 + 0.125, 0.125, 0.125]),
 ]
@@ -58,7 +59,7 @@ ERRORS = [
     (dict(r=8, ranks=[2, 2, 4]), r"duplicates \[2\]"),
     (dict(r=8, ranks=[4, 16]), r"larger than r=8; drop them or raise r to at least 16"),
     (dict(r=0, ranks=[1]), "must be a positive integer"),
-    (dict(r=8, ranks=[1], method="matryoska"), "Unknown method 'matryoska'. Available: matryoshka, lora, dylora, custom"),
+    (dict(r=8, ranks=[1], method="matryoska"), "Unknown method 'matryoska'. Available: matryoshka, lora, dylora, custom, multirank"),
     (dict(r=8, ranks=[1], scaling="log"), "Unknown scaling 'log'. Available: none, rank, sqrt"),
     (dict(r=8, ranks=[1, 2], method="custom", weights=[1.0, -0.5]), "non-negative"),
     (dict(r=8, ranks=[1, 2], method="custom"), "needs weights"),

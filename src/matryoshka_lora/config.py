@@ -24,7 +24,8 @@ class MatryoshkaConfig:
     )
     method: str = field(
         default="matryoshka",
-        metadata={"help": "matryoshka (fixed P, Algorithm 1) | lora (plain LoRA) | dylora (one random rank per step) | custom (your weights)."},
+        metadata={"help": "matryoshka (fixed P, Algorithm 1) | lora (plain LoRA) | dylora (one random rank per step) | "
+                          "custom (your weights) | multirank (exact mean of the |S| rank losses; |S| times the compute)."},
     )
     scaling: str = field(
         default="none",

@@ -1,6 +1,9 @@
 """Training on the Hugging Face Trainer (so `accelerate launch` scales it with DDP/FSDP/DeepSpeed).
 
-We add one callback and override nothing else in the Trainer loop:
+`MatryoshkaTrainer` overrides only `compute_loss`, for `multirank`: the batch is stacked |S|
+times and row j of copy i runs at rank S_i (one masked bottleneck, `set_row_ranks`), so one
+forward/backward gives the exact mean of the |S| rank losses at |S| times the compute.
+One callback does the rest:
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
   under gradient accumulation). The draw is a pure function of (seed, global_step), so every
   data-parallel process and every resumed run draws the same rank.
@@ -22,7 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import MatryoshkaConfig
-from .model import draw_rank, get_controller, get_matryoshka_model
+from .model import draw_rank, get_controller, get_matryoshka_model, set_row_ranks
 from .saving import save_matryoshka
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,33 @@ class MatryoshkaCallback(TrainerCallback):
             get_controller(model).config.save(ckpt)
 
 
+def stack_for_ranks(inputs: dict, ranks) -> tuple[dict, torch.Tensor]:
+    """Repeat every (B, ...) tensor |S| times along the batch; copy i gets rank ranks[i].
+
+    Returns:
+        (inputs with batch |S|*B, row ranks of shape (|S|*B,)).
+    """
+    tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
+    batch = next(iter(tensors.values())).shape[0]
+    stacked = {k: v.repeat(len(ranks), *([1] * (v.dim() - 1))) for k, v in tensors.items()}
+    return {**inputs, **stacked}, torch.tensor(ranks, dtype=torch.long).repeat_interleave(batch)
+
+
+class MatryoshkaTrainer(Trainer):
+    """The HF Trainer, plus the exact multi-rank objective for method="multirank"."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        controller = get_controller(model)
+        if controller.config.method != "multirank" or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ranks = controller.config.ranks
+        stacked, rows = stack_for_ranks(inputs, ranks)
+        if num_items_in_batch is not None:  # every copy has the same label tokens
+            num_items_in_batch = num_items_in_batch * len(ranks)
+        with set_row_ranks(model, rows):
+            return super().compute_loss(model, stacked, return_outputs, num_items_in_batch)
+
+
 @dataclass
 class TrainResult:
     adapter_dir: Path
@@ -157,7 +187,7 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     callback = MatryoshkaCallback()
-    trainer = Trainer(
+    trainer = MatryoshkaTrainer(
         model=peft_model,
         args=config.training_arguments(),
         train_dataset=train_dataset,

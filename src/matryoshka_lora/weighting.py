@@ -7,6 +7,9 @@ Every method is a choice of P (length R). With `s_q` the scale of rank q and
     lora        P = s_R * ones(R)
     dylora      P = s_k P_k                        (k drawn from S each step)
     custom      P = sum_{q in S} w_q s_q P_q
+    multirank   the exact objective mean_{q in S} loss(s_q P_q): one row-stacked batch per step
+                (training.MatryoshkaTrainer); a plain forward in training mode falls back to its
+                first-order surrogate P = (1/|S|) sum_q s_q P_q
 
 Evaluating or deploying at rank k uses the same prefix rule as DyLoRA:
 `prefix_weights(r, k) = s_k P_k`. Nothing else in the package builds P.
@@ -19,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-METHODS = ("matryoshka", "lora", "dylora", "custom")
+METHODS = ("matryoshka", "lora", "dylora", "custom", "multirank")
 SCALINGS = ("none", "rank", "sqrt")
 
 
@@ -150,7 +153,7 @@ def rank_weights(
     Args:
         r: Maximum rank R (the LoRA bottleneck size).
         ranks: The rank set S, each in 1..r, any order, no duplicates.
-        method: "matryoshka" | "lora" | "dylora" | "custom".
+        method: "matryoshka" | "lora" | "dylora" | "custom" | "multirank" (its surrogate P).
         scaling: "none" (s=1) | "rank" (s=1/q) | "sqrt" (s=1/sqrt(q)), times `alpha`.
         alpha: Constant multiplier on every scale.
         weights: For "custom", one non-negative weight per rank (list aligned with
@@ -168,7 +171,10 @@ def rank_weights(
         return prefix_weights(r, r, scaling, alpha)
     if method == "dylora":
         return prefix_weights(r, k, scaling, alpha)
-    lam = _weight_map(ranks, weights) if method == "custom" else {q: 1.0 for q in ranks}
+    if method == "custom":
+        lam = _weight_map(ranks, weights)
+    else:
+        lam = {q: (1.0 / len(ranks) if method == "multirank" else 1.0) for q in ranks}
     # Algorithm 1 in float64, then cast: P_i = sum_{q >= i} lam_q s_q.
     p = torch.zeros(r, dtype=torch.float64)
     for q in ranks:
