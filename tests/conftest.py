@@ -50,3 +50,19 @@ def make_model(arch="llama", seed=0, **cfg):
 @pytest.fixture
 def input_ids():
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama and a tiny BPE tokenizer saved as a local model directory (for the CLI)."""
+    from tiny_tokenizer import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -3,25 +3,9 @@
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from matryoshka_lora import aurac, log_aurac
 from matryoshka_lora.cli import main
-from tiny_tokenizer import tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def common(model_dir, out):

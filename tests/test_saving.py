@@ -108,3 +108,26 @@ def test_load_refuses_other_base_model(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ValueError, match="does not fit this base model"):
         load_matryoshka_model(other, d)
+
+
+@pytest.mark.parametrize("change", [{"method": "lora"}, {"ranks": [1, 8]}, {"scaling": "sqrt"}, {"seed": 7}])
+def test_load_refuses_config_edited_after_saving(tmp_path, change):
+    """Still valid JSON and consistent with the weights' shapes, but not what they were trained
+    with: the config recorded in the safetensors metadata tells."""
+    d = _saved(tmp_path)
+    cfg = json.loads((d / "matryoshka_config.json").read_text())
+    (key, value), = change.items()
+    was, cfg[key] = cfg[key], value
+    (d / "matryoshka_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"matryoshka_config.json was edited after saving: {key} is {value!r}, "
+                                         rf"the weights were saved with {was!r}".replace("[", r"\[").replace("]", r"\]")):
+        load_matryoshka_model(BUILDERS["llama"](0), d)
+    (d / "matryoshka_config.json").write_text(json.dumps({**cfg, key: was}, indent=4))  # restored (any layout)
+    load_matryoshka_model(BUILDERS["llama"](0), d)
+
+
+def test_save_replaces_a_directory_whole(tmp_path):
+    d = _saved(tmp_path)
+    (d / "stale.txt").write_text("from an older save")
+    save_matryoshka(make_model("llama", r=8), d)
+    assert not (d / "stale.txt").exists() and [p.name for p in tmp_path.iterdir()] == ["ad"]

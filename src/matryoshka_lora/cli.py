@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: the message names the fix
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, disk full, NaN loss: the message names the fix
         print(f"mlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -342,7 +342,7 @@ def _parse(rows: Iterable[Row], config: DataConfig, to_example, source: str) -> 
             out.append(to_example(row, config))
         except _RowError as e:
             if not config.skip_invalid:
-                raise ValueError(f"{loc}: {e}. Fix the row, or set skip_invalid=True to skip bad rows.") from None
+                raise ValueError(f"{loc}: {str(e).rstrip('.')}. Fix the row, or set skip_invalid=True to skip bad rows.") from None
             bad.append(f"{loc}: {e}")
     if bad:
         logger.warning("Skipped %d invalid row(s) of %s (skip_invalid=True); first: %s", len(bad), source, "; ".join(bad[:3]))

@@ -24,8 +24,8 @@ from .model import get_controller
 from .models import load_model
 from .prompts import encode_examples, make_collator
 from .report import method_summary, write_results
-from .saving import load_matryoshka_model
-from .training import TrainConfig, train_adapter
+from .saving import atomic_write_text, load_matryoshka_model
+from .training import TrainConfig, latest_checkpoint, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -249,14 +249,15 @@ def _train_and_eval(shared: _Shared, run: RunConfig, method: str, lr: float, out
         shared.base_done |= split == "test" and res.get("base") is not None
         return res
     with_base = split == "test" and not shared.base_done  # rank 0 is the same for every method: score it once
-    sub = run.replace(method=method, learning_rate=lr, output_dir=str(run_dir), include_base=with_base)
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None  # a run killed mid-training continues
+    sub = run.replace(method=method, learning_rate=lr, output_dir=str(run_dir), include_base=with_base, resume=resume)
     base, tokenizer = shared.get()
     if (run_dir / "adapter" / "matryoshka_config.json").is_file():
         model = load_matryoshka_model(base, run_dir / "adapter")
     else:
         model = train(sub, base, tokenizer).model
     res = evaluate(sub, run_dir / "adapter", split, model=model, tokenizer=tokenizer, method_name=method)
-    cached.write_text(json.dumps(res, indent=1) + "\n")
+    atomic_write_text(cached, json.dumps(res, indent=1) + "\n")
     shared.model = model.unload()  # the base model without adapter layers, for the next run
     shared.base_done |= with_base
     return res

@@ -23,10 +23,7 @@ leaves no half-written adapter.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,7 +37,7 @@ from safetensors.torch import save_file
 from . import peft_seam
 from .config import MatryoshkaConfig
 from .model import RankController, _resolve, get_controller
-from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir
+from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, atomic_directory, check_adapter_dir, check_target
 from .weighting import rank_scale
 
 CARD_NAME = "README.md"
@@ -330,52 +327,6 @@ def rank_footprint(source, rank: int | Mapping[str, int], default: int | None = 
     """
     with open_source(source) as src:
         return _footprint(src, resolve_ranks(src.config, list(src.layers), rank, default, allow_untrained=True))
-
-
-# -- atomic directories -----------------------------------------------------------------------
-
-def check_target(target: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output directory unless overwrite is set; refuse a file either way."""
-    target = Path(target)
-    if target.exists() or target.is_symlink():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory; choose another output path.")
-        if not overwrite:
-            raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it, "
-                                  "or choose another output directory.")
-    return target
-
-
-@contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `target`; rename it to `target` once the block completes.
-
-    On an error the temporary directory is removed and `target` is untouched. With `overwrite`
-    the old directory is moved aside, the new one renamed in, and only then the old one deleted.
-    """
-    target = check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal permissions
-        yield tmp
-        if target.exists():
-            check_target(target, overwrite)
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "dir")
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / "dir", target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # -- model card -------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ import torch
 
 from . import peft_seam
 from .models import load_model
-from .export import CARD_NAME, atomic_directory, check_target, model_card, resolve_ranks
+from .export import CARD_NAME, model_card, resolve_ranks
 from .model import get_controller
-from .saving import load_matryoshka_model
+from .saving import atomic_directory, check_target, load_matryoshka_model
 from .weighting import prefix_weights
 
 _MERGED = "_mlora_merged_rank"  # set on each merged LoRA layer: the rank it was merged at

@@ -113,11 +113,12 @@ def adapter_config_dict(model: torch.nn.Module, adapter: str = ADAPTER) -> dict:
     return out
 
 
-def adapter_state_dict(model: torch.nn.Module, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
-    """The adapter tensors under the keys PEFT writes to adapter_model.safetensors."""
+def adapter_state_dict(model: torch.nn.Module, adapter: str = ADAPTER, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors under the keys PEFT writes to adapter_model.safetensors (taken from
+    `state_dict`, the full model's, when given: sharded models gather one first)."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, adapter_name=adapter)
+    return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter)
 
 
 def base_weight(layer: LoraLayer) -> torch.Tensor:

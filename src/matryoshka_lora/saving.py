@@ -2,15 +2,26 @@
 
 Loading reads JSON and safetensors only; a directory without `adapter_model.safetensors`
 is refused rather than falling back to a pickle.
+
+Every write goes to a temporary file or directory next to its target and is renamed into
+place when complete (`atomic_directory`, `atomic_write_text`), so a crash, a kill or a full
+disk during a save leaves the previous version, never a half-written one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
@@ -18,15 +29,152 @@ from .model import attach, get_controller
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
+CONFIG_RECORD = "matryoshka_config"  # safetensors metadata key: the config the weights were saved with
 
 
-def save_matryoshka(model: torch.nn.Module, directory: str | Path) -> Path:
-    """Write the adapter (PEFT format, safetensors) and its rank schedule to `directory`."""
+# -- atomic writes ------------------------------------------------------------------------------
+
+def check_target(target: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output directory unless overwrite is set; refuse a file either way."""
+    target = Path(target)
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a directory; choose another output path.")
+        if not overwrite:
+            raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it, "
+                                  "or choose another output directory.")
+    return target
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Rename the complete directory `new` to `target`, replacing an existing `target`.
+
+    The old directory is moved aside first and deleted only once `new` is in place; a kill
+    between the two renames leaves `target` missing and the old copy in a hidden `.old`
+    directory next to it, never a mix of both.
+    """
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.replace(target, old / "dir")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / "dir", target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `target`; rename it to `target` once the block completes.
+
+    On an error the temporary directory is removed and `target` is untouched. With `overwrite`
+    the old directory is moved aside, the new one renamed in, and only then the old one deleted.
+    A full disk is reported as `DiskFullError` naming `target`.
+    """
+    target = check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal permissions
+        with explain_disk_full(target):
+            yield tmp
+        check_target(target, overwrite)
+        replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with explain_disk_full(path), os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class DiskFullError(OSError):
+    """The disk filled up during a save; the message names what was being written."""
+
+
+def is_disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether `error` came from a full disk.
+
+    Writers report it differently: Python raises OSError(ENOSPC), safetensors a SafetensorError
+    saying "No space left on device (os error 28)", torch.save a RuntimeError about a failed
+    write; for the last, look at the free space left.
+    """
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(error) or "os error 28" in str(error):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        probe = next(p for p in (directory, *directory.parents) if p.exists())
+        return shutil.disk_usage(probe).free < 16 * 2**20
+    except (OSError, StopIteration):
+        return False
+
+
+@contextmanager
+def explain_disk_full(target: Path, note: str = ""):
+    """Turn a full-disk error from any writer into a `DiskFullError` that names `target`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if not is_disk_full(e, Path(target).parent):
+            raise
+        raise DiskFullError(errno.ENOSPC, f"No space left on device while writing {target} ({e}); nothing was "
+                            f"half-written{note}. Free disk space or choose another output directory, then run again.") from e
+
+
+# -- save / check / load ------------------------------------------------------------------------
+
+def save_matryoshka(model: torch.nn.Module, directory: str | Path, state_dict: dict | None = None) -> Path:
+    """Write the adapter (PEFT format, safetensors) and its rank schedule to `directory`.
+
+    The directory is written whole and renamed into place (an existing one is replaced only
+    once the new one is complete). The rank schedule is also recorded in the safetensors
+    metadata, so a `matryoshka_config.json` edited later is detected on load.
+
+    Args:
+        model: A matryoshka model (get_matryoshka_model / load_matryoshka_model).
+        directory: Target directory.
+        state_dict: The full model state dict when the live parameters are sharded (FSDP,
+            DeepSpeed ZeRO-3): what `accelerator.get_state_dict(model)` returns.
+    """
     directory = Path(directory)
     config = get_controller(model).config
-    model.save_pretrained(str(directory), safe_serialization=True)
-    config.save(directory)
+    with atomic_directory(directory, overwrite=True) as tmp:
+        extra = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(str(tmp), safe_serialization=True, **extra)
+        config.save(tmp)
+        record_config(tmp, config)
     return directory
+
+
+def record_config(directory: Path, config: MatryoshkaConfig) -> None:
+    """Re-write the adapter weights with the rank schedule in their safetensors metadata."""
+    path = Path(directory) / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    metadata[CONFIG_RECORD] = json.dumps(config.to_dict(), sort_keys=True)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
 
 
 def _normalise_targets(t):
@@ -62,6 +210,7 @@ def check_adapter_dir(directory: str | Path) -> MatryoshkaConfig:
         problems.append(f"target_modules differ: {CONFIG_NAME} has {targets}, {PEFT_CONFIG_NAME} has {peft_cfg.get('target_modules')}")
     try:
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(CONFIG_RECORD)
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
                 if ".lora_A." in key and shape[0] != config.r:
@@ -72,10 +221,20 @@ def check_adapter_dir(directory: str | Path) -> MatryoshkaConfig:
                     break
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"{directory / WEIGHTS_NAME} cannot be read ({e}); the file is truncated or corrupt, re-save the adapter.") from e
+    if recorded is not None:  # adapters saved before the record existed have none
+        problems += [f"{CONFIG_NAME} was edited after saving: {k} is {now!r}, the weights were saved with {before!r}"
+                     for k, before, now in config_differences(json.loads(recorded), config)]
     if problems:
         raise ValueError(f"Adapter {directory} is inconsistent:\n  - " + "\n  - ".join(problems)
-                         + "\nRe-save it with save_matryoshka() or fix matryoshka_config.json.")
+                         + f"\nRestore {CONFIG_NAME} to what the weights were saved with, or re-save the adapter "
+                           "with save_matryoshka().")
     return config
+
+
+def config_differences(before: MatryoshkaConfig | dict, now: MatryoshkaConfig | dict) -> list[tuple[str, object, object]]:
+    """(field, value before, value now) for every field where two rank schedules differ."""
+    before, now = (json.loads(json.dumps(c.to_dict() if isinstance(c, MatryoshkaConfig) else c)) for c in (before, now))
+    return [(k, before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
 
 
 def load_matryoshka_model(base_model: torch.nn.Module, directory: str | Path, is_trainable: bool = False):

@@ -1,14 +1,21 @@
 """Training on the Hugging Face Trainer (so `accelerate launch` scales it with DDP/FSDP/DeepSpeed).
 
-`MatryoshkaTrainer` overrides only `compute_loss`, for `multirank`: the batch is stacked |S|
-times and row j of copy i runs at rank S_i (one masked bottleneck, `set_row_ranks`), so one
-forward/backward gives the exact mean of the |S| rank losses at |S| times the compute.
-One callback does the rest:
+We add one callback and override three Trainer methods (plus `_get_output_dir`, to point a save
+at its staging directory), nothing else of its loop:
+- multirank: `compute_loss` stacks the batch |S| times and copy i runs at rank S_i (one masked
+  bottleneck, `set_row_ranks`), so one forward/backward gives the exact mean of the |S| rank
+  losses, at |S| times the compute.
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
   under gradient accumulation). The draw is a pure function of (seed, global_step), so every
   data-parallel process and every resumed run draws the same rank.
-- Checkpoints also hold `matryoshka_config.json`, so each one is a loadable nested adapter.
-- A NaN/inf loss stops the run with the step number (the last good checkpoint is kept).
+- `training_step`: a NaN/inf loss stops the run at once, with the step number, before the
+  optimizer applies it (the Trainer would otherwise replace it by an average and go on).
+- `_save_checkpoint`: checkpoints are written into `checkpoints/.saving/` and renamed into
+  place when complete, with `matryoshka_config.json` and the DyLoRA draws inside. A kill or a
+  full disk during a save leaves the previous checkpoint as the latest usable one.
+
+`checkpoint-N/` holds the adapter (safetensors), optimizer.pt, scheduler.pt, rng_state*.pth,
+trainer_state.json, matryoshka_config.json and matryoshka_state.json (seed, step, draws).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +33,17 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .config import MatryoshkaConfig
+from . import peft_seam
+from .config import CONFIG_NAME, MatryoshkaConfig
 from .model import draw_rank, get_controller, get_matryoshka_model, set_row_ranks
-from .saving import save_matryoshka
+from .saving import (atomic_write_text, check_adapter_dir, config_differences, explain_disk_full, replace_directory,
+                     save_matryoshka)
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STAGING = ".saving"  # checkpoints are written here, then renamed to checkpoints/checkpoint-N
+STATE_NAME = "matryoshka_state.json"  # in each checkpoint: seed, global step, DyLoRA draws so far
 
 
 @dataclass
@@ -49,9 +64,10 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
     report_to: str = field(default="none", metadata={"help": "Experiment tracker: none | tensorboard | wandb | ..."})
     logging_steps: int = field(default=10, metadata={"help": "Log the loss every N optimizer steps."})
-    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only the final adapter)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only the final adapter). "
+                                                          "A checkpoint holds the adapter, optimizer, scheduler, RNG states and DyLoRA draws."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints to keep."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest complete checkpoint in output_dir (same options as the run it continues)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
     def __post_init__(self):
@@ -97,33 +113,21 @@ class TrainConfig:
         )
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(FloatingPointError):
+    """The loss or the adapter weights became NaN/inf; the message names the step."""
 
 
 class MatryoshkaCallback(TrainerCallback):
-    """DyLoRA draws, config in every checkpoint, and a stop on a non-finite loss."""
+    """DyLoRA: one rank draw per optimizer step, recorded for logs, checkpoints and tests."""
 
     def __init__(self):
-        self.draws: list[tuple[int, int]] = []  # (global_step, k), for logs and tests
+        self.draws: list[tuple[int, int]] = []  # (global_step, k)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         k = draw_rank(model, state.global_step)
         if k is not None:
             self.draws.append((state.global_step, k))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise NonFiniteLoss(
-                f"Loss became {loss} at step {state.global_step}; stopped. The last good checkpoint (if any) is in "
-                f"{args.output_dir}. Lower the learning rate or use --dtype float32."
-            )
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir() and state.is_world_process_zero:
-            get_controller(model).config.save(ckpt)
+            log.debug("process %d, step %d: DyLoRA rank %d", args.process_index, state.global_step, k)
 
 
 def stack_for_ranks(inputs: dict, ranks) -> tuple[dict, torch.Tensor]:
@@ -139,7 +143,21 @@ def stack_for_ranks(inputs: dict, ranks) -> tuple[dict, torch.Tensor]:
 
 
 class MatryoshkaTrainer(Trainer):
-    """The HF Trainer, plus the exact multi-rank objective for method="multirank"."""
+    """The HF Trainer with multirank, a per-step NaN/inf stop and atomic checkpoints (see the module docstring)."""
+
+    _staging: str | None = None  # while a checkpoint is being written: the directory it goes to
+
+    def _any_process(self, flag: bool) -> bool:
+        """`flag` or-ed over all processes, so that every process stops at the same point."""
+        if self.args.world_size <= 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.args.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item())
+
+    def _weights_finite(self) -> bool:
+        # FSDP2 parameters are DTensors: each process checks its own shard, _any_process combines.
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters() if p.requires_grad)
+        return not self._any_process(any(not bool(torch.isfinite(t).all()) for t in local))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         controller = get_controller(model)
@@ -151,6 +169,70 @@ class MatryoshkaTrainer(Trainer):
             num_items_in_batch = num_items_in_batch * len(ranks)
         with set_row_ranks(model, rows):
             return super().compute_loss(model, stacked, return_outputs, num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = loss.detach().float().mean().item()
+        if self._any_process(not math.isfinite(value)):
+            raise NonFiniteLoss(
+                f"Loss became {value if not math.isfinite(value) else 'NaN/inf on another process'} at step "
+                f"{self.state.global_step + 1}; training stopped before that step's update. "
+                f"{_last_good(Path(self.args.output_dir))} Lower --learning-rate, use --dtype float32, or check the data."
+            )
+        return loss
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        staging, main = run_dir / STAGING, self.is_world_process_zero()
+        if not self._weights_finite():
+            raise NonFiniteLoss(f"Adapter weights became NaN/inf at step {self.state.global_step}; {name} was not "
+                                f"written. {_last_good(run_dir)} Lower --learning-rate or use --dtype float32.")
+        if main:
+            shutil.rmtree(staging / name, ignore_errors=True)  # left by a save that was killed
+        self.accelerator.wait_for_everyone()
+        self._staging = str(staging)
+        try:
+            with explain_disk_full(run_dir / name, f"; the latest complete checkpoint is still "
+                                                   f"{latest_checkpoint(run_dir) or 'none'}, resume from it with --resume"):
+                super()._save_checkpoint(model, trial)  # every process writes its part (RNG state, shards)
+                self.accelerator.wait_for_everyone()
+                if main:
+                    get_controller(self.model).config.save(staging / name)
+                    draws = next((c.draws for c in self.callback_handler.callbacks if isinstance(c, MatryoshkaCallback)), [])
+                    state = {"global_step": self.state.global_step, "seed": get_controller(self.model).config.seed,
+                             "dylora_draws": draws}
+                    atomic_write_text(staging / name / STATE_NAME, json.dumps(state) + "\n")
+                    replace_directory(staging / name, run_dir / name)
+                    _rotate(run_dir, self.args.save_total_limit)
+        except BaseException:
+            if main:
+                shutil.rmtree(staging / name, ignore_errors=True)
+            raise
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+
+
+def _rotate(run_dir: Path, keep: int | None) -> None:
+    """Delete all but the `keep` newest complete checkpoints (moved into staging first, so a
+    checkpoint is never seen half-deleted)."""
+    if not keep or keep <= 0:
+        return
+    for old in _complete_checkpoints(run_dir)[:-keep]:
+        trash = run_dir / STAGING / f"deleting-{old.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _last_good(run_dir: Path) -> str:
+    last = latest_checkpoint(run_dir)
+    return (f"The last good checkpoint is {last}." if last is not None
+            else "No checkpoint was written (set --save-steps to keep some).")
 
 
 @dataclass
@@ -166,6 +248,9 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
                   collator=None, extra_metadata: dict | None = None) -> TrainResult:
     """Wrap `model` with a nested adapter and train it on `train_dataset` with the HF Trainer.
 
+    Runs as one process or under `accelerate launch` (DDP, FSDP, DeepSpeed): every process
+    calls this function, process 0 writes the files.
+
     Args:
         model: A base causal LM (frozen; only the adapter trains).
         tokenizer: Its tokenizer (saved with nothing else; used for padding).
@@ -177,10 +262,27 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
 
     Returns:
         TrainResult with the saved adapter directory `<output_dir>/adapter`.
+
+    Raises:
+        ValueError: resuming from a checkpoint of different adapter options, or a launch whose
+            processes did not form a process group.
+        FileExistsError: output_dir holds checkpoints and `resume` is off.
+        NonFiniteLoss: the loss or the weights became NaN/inf (the last good checkpoint is kept).
+        DiskFullError: the disk filled up during a save (nothing half-written is left).
     """
     from transformers import DataCollatorForSeq2Seq
 
     out = Path(config.output_dir)
+    checkpoints = out / "checkpoints"
+    resume = _resume_point(checkpoints, adapter, config.resume)
+    args = config.training_arguments()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise ValueError(
+            f"This is one of WORLD_SIZE={launched} launched processes, but they did not form a process group (no GPU "
+            "was found), so each would train alone and overwrite the same files. On CPUs launch with "
+            f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} -m matryoshka_lora.cli "
+            "train ...`; on GPUs check that CUDA is visible to every process.")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     peft_model = get_matryoshka_model(model, adapter)
@@ -189,37 +291,102 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
     callback = MatryoshkaCallback()
     trainer = MatryoshkaTrainer(
         model=peft_model,
-        args=config.training_arguments(),
+        args=args,
         train_dataset=train_dataset,
         data_collator=collator or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[callback],
     )
-    resume = None
-    if config.resume:
-        resume = latest_checkpoint(out / "checkpoints")
-        if resume is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch.", out / "checkpoints")
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(checkpoints / STAGING, ignore_errors=True)  # saves killed in an earlier run
+    if resume is not None:
+        # The Trainer reads the adapter (safetensors) and, with torch.load(weights_only=True), the
+        # optimizer.pt, scheduler.pt and rng_state*.pth files of `resume` (Accelerate's FSDP loader
+        # likewise). Those are read only from checkpoints this function wrote into
+        # <output_dir>/checkpoints (found by latest_checkpoint), never from a path the user names;
+        # weights_only refuses anything but tensors and plain containers. training_args.bin, a
+        # pickle the Trainer writes for reference, is never read.
+        state_file = resume / STATE_NAME
+        if state_file.is_file():  # the draws before the resume point, so train_config.json lists them all
+            callback.draws = [tuple(d) for d in json.loads(state_file.read_text())["dylora_draws"]]
+    trainer.accelerator.wait_for_everyone()
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
     peft_model.eval()
+
+    # Each process drew its ranks on its own; they must agree, because the draw is
+    # random.Random(f"{seed}:{global_step}"): same seed, same step, same k on every process.
+    per_process = [callback.draws]
+    if trainer.args.world_size > 1:
+        from accelerate.utils import gather_object
+        per_process = gather_object([callback.draws])
+    if any(d != per_process[0] for d in per_process):
+        raise RuntimeError(f"DyLoRA processes drew different ranks: {per_process}. Every process must run with the same --seed.")
+    if callback.draws and len(per_process) > 1:
+        log.info("DyLoRA: the %d processes drew the same rank at each of %d steps.", len(per_process), len(callback.draws))
+    state_dict = None  # sharded parameters are gathered to full tensors (a collective: every process)
+    if trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    elif trainer.is_deepspeed_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
     adapter_dir = out / "adapter"
-    if trainer.is_world_process_zero():
-        save_matryoshka(peft_model, adapter_dir)
+    if main:
+        tensors = peft_seam.adapter_state_dict(peft_model, state_dict=state_dict).values()
+        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+            raise NonFiniteLoss(f"Adapter weights are NaN/inf after step {trainer.state.global_step}; the adapter was "
+                                f"not saved. {_last_good(checkpoints)} Lower --learning-rate or use --dtype float32.")
+        save_matryoshka(peft_model, adapter_dir, state_dict)
         history = trainer.state.log_history
-        (out / "loss_curve.json").write_text(json.dumps(
+        atomic_write_text(out / "loss_curve.json", json.dumps(
             [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")} for h in history if "loss" in h],
             indent=1) + "\n")
         meta = {"train": dataclasses.asdict(config), "adapter": adapter.to_dict(), "seconds": seconds,
-                "dylora_draws": callback.draws, **(extra_metadata or {})}
-        (out / "train_config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+                "world_size": trainer.args.world_size, "resumed_from": str(resume) if resume else None,
+                "dylora_draws": callback.draws, "dylora_draws_per_process": per_process, **(extra_metadata or {})}
+        atomic_write_text(out / "train_config.json", json.dumps(meta, indent=2, default=str) + "\n")
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(adapter_dir, peft_model, trainer.state.log_history, seconds, callback.draws)
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint-N with the largest N that holds a complete adapter, or None."""
-    if not directory.is_dir():
+def _resume_point(checkpoints: Path, adapter: MatryoshkaConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (checked against `adapter`), or None for a fresh run."""
+    last = latest_checkpoint(checkpoints)
+    if not resume:
+        if last is not None:
+            raise FileExistsError(
+                f"{checkpoints.parent} already holds checkpoints of a run (latest: {last.name}). Pass --resume to "
+                f"continue it, or choose a new --output-dir (or delete {checkpoints}) to start over.")
         return None
-    done = [p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+    if last is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch.", checkpoints)
+        return None
+    try:
+        saved = check_adapter_dir(last)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"Cannot resume from {last}: {e}\nDelete {last} to resume from the checkpoint before it.") from e
+    problems = [f"{k}: the checkpoint has {before!r}, this run {now!r}" for k, before, now in config_differences(saved, adapter)]
+    if problems:
+        raise ValueError(f"Cannot resume from {last}: it was trained with other adapter options ({CONFIG_NAME}):\n  - "
+                         + "\n  - ".join(problems) + "\nResume with the options of that run, or choose a new --output-dir.")
+    log.info("Resuming from %s", last)
+    return last
+
+
+def _complete_checkpoints(directory: Path) -> list[Path]:
+    """checkpoint-N directories that were completely written, by increasing N."""
+    if not directory.is_dir():
+        return []
+    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()
             and (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint-N with the largest N that was completely written, or None.
+
+    Checkpoints are renamed into place only when complete, and half-written ones stay in
+    `.saving/`, so this never returns a checkpoint a kill interrupted.
+    """
+    done = _complete_checkpoints(Path(directory))
+    return done[-1] if done else None
