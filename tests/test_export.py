@@ -264,3 +264,17 @@ def test_cli_export_several_ranks(tmp_path, capsys, input_ids):
     cli_main(["export", str(tmp_path / "nested"), "--rank", "c_attn=2,c_fc=0", "--default-rank", "4",
               "--out", str(tmp_path / "mixed")])
     assert json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())["rank_pattern"]
+
+
+def test_folded_adapter_exports_and_reloads(tmp_path, input_ids):
+    from matryoshka_lora import fold_p, load_matryoshka_model
+
+    model = make_model("llama", r=8)
+    fold_p(model)
+    save_matryoshka(model, tmp_path / "folded")
+    reloaded = load_matryoshka_model(BUILDERS["llama"](0), tmp_path / "folded")
+    assert reloaded._mlora_controller.config.folded_from == "matryoshka"
+    export_rank(tmp_path / "folded", 4, tmp_path / "r4")
+    with set_rank(model, 4):
+        torch.testing.assert_close(plain_peft("llama", tmp_path / "r4")(input_ids=input_ids).logits,
+                                   model(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)

@@ -205,3 +205,27 @@ def test_one_optimizer_step_changes_only_adapter(arch, input_ids):
     assert {n for n in changed if "lora_B" in n} and {n for n in changed if "lora_A" in n}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed == trainable
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fold_p_runs_prefix_of_trained_product(arch, input_ids):
+    from matryoshka_lora import fold_p
+    from matryoshka_lora.weighting import rank_weights
+
+    model = make_model(arch, r=8, ranks=[1, 2, 4, 8], scaling="sqrt")
+    train_logits = model(input_ids=input_ids).logits
+    p = rank_weights(8, [1, 2, 4, 8], scaling="sqrt")
+    _, layer = next(iter(lora_layers(model)))
+    A, B = (w.detach().clone() for w in factors(layer))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    cfg = fold_p(model)
+    assert cfg.folded_from == "matryoshka" and cfg.method == "lora" and cfg.scaling == "none"
+    torch.testing.assert_close(model(input_ids=input_ids).logits, train_logits, atol=1e-5, rtol=1e-5)
+    for k in (1, 4, 8):
+        with set_rank(model, k):
+            expected = layer.base_layer(x) + (x @ A[:k].T * p[:k]) @ B[:, :k].T
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="already folded"):
+        fold_p(model)
+    with pytest.raises(ValueError, match="no single P to fold"):
+        fold_p(make_model(arch, r=8, method="dylora"))

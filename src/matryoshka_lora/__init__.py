@@ -6,7 +6,7 @@ from .evaluation.extract import extract_flexible, extract_strict, is_correct
 from .export import export_rank, rank_footprint
 from .merge import merge_rank, merge_to_dir, unmerge
 from .metrics import aurac, log_aurac
-from .model import draw_rank, get_controller, get_matryoshka_model, set_rank, set_row_ranks
+from .model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_rank, set_row_ranks
 from .prompts import build_prompt, encode_examples, encode_for_training, make_collator, stop_strings
 from .recommend import recommend_rank
 from .saving import load_matryoshka_model, save_matryoshka
@@ -28,6 +28,7 @@ __all__ = [
     "extract_flexible",
     "extract_strict",
     "fewshot_examples",
+    "fold_p",
     "get_controller",
     "get_matryoshka_model",
     "is_correct",

@@ -46,6 +46,12 @@ class MatryoshkaConfig:
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter, as in PEFT (e.g. ['lm_head'])."}
     )
 
+    folded_from: str | None = field(
+        default=None,
+        metadata={"help": "Set by fold_p(): the method whose training P was baked into lora_A. Rank k then runs "
+                          "A_k diag(P_k) B_k, the prefix of the trained A diag(P) B, in set_rank, export and merge."},
+    )
+
     def __post_init__(self):
         if self.ranks is None and isinstance(self.r, int) and self.r >= 1:
             self.ranks = default_ranks(self.r)

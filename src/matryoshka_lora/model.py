@@ -15,6 +15,7 @@ elementwise multiply per layer and no allocation.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 
@@ -235,6 +236,38 @@ def set_row_ranks(model: torch.nn.Module, ranks: Sequence[int] | torch.Tensor | 
 def draw_rank(model: torch.nn.Module, step: int | None = None) -> int | None:
     """DyLoRA: draw this optimizer step's rank for the whole model; returns it (None for other methods)."""
     return get_controller(model).draw(step)
+
+
+@torch.no_grad()
+def fold_p(model: torch.nn.Module) -> MatryoshkaConfig:
+    """Bake the training vector P into lora_A ("fold P"): A <- diag(P) A in PEFT's (R, m) layout.
+
+    Afterwards the adapter is a plain scale-1 LoRA (method "lora", s = 1): the training-mode
+    output is unchanged (x A diag(P) B), and rank k runs `x W0 + x A_k diag(P_k) B_k`, the prefix
+    of the trained product, instead of the paper's `s_k x A_k B_k`. set_rank, save, export and
+    merge need nothing else, since they all apply the plain prefix rule to the folded weights.
+
+    Returns:
+        The new config (also stored on the controller; `folded_from` names the original method).
+
+    Raises:
+        ValueError: DyLoRA/multirank (no single trained P) or an adapter already folded.
+    """
+    controller = get_controller(model)
+    c = controller.config
+    if c.folded_from is not None:
+        raise ValueError(f"This adapter is already folded (from method {c.folded_from!r}).")
+    if c.method in ("dylora", "multirank"):
+        raise ValueError(f"method {c.method!r} trains each rank with its own s_k P_k, so there is no single P to fold; "
+                         "evaluate it with set_rank as it is.")
+    p = rank_weights(c.r, c.ranks, c.method, c.scaling, c.alpha, c.weights)  # (R,)
+    for _, layer in peft_seam.lora_layers(model):
+        A, _ = peft_seam.factors(layer)  # (R, m)
+        A.mul_(p.to(A.device, A.dtype)[:, None])
+    controller.config = dataclasses.replace(c, method="lora", scaling="none", alpha=1.0, weights=None,
+                                            folded_from=c.method)
+    controller._cache.clear()
+    return controller.config
 
 
 def get_rank_config(model: torch.nn.Module) -> MatryoshkaConfig:
