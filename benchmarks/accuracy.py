@@ -1,0 +1,215 @@
+"""Accuracy across ranks: LoRA vs DyLoRA vs MatryoshkaLoRA and variants, with learning-rate grids and seeds.
+
+Run (resumable: finished runs are reused, so a killed study continues where it stopped):
+
+    .venv/bin/python benchmarks/accuracy.py --preset cpu --out runs/study
+
+Writes benchmarks/results/accuracy.{json,md,png} (per task: per-rank accuracy mean ± std over
+seeds on the test split, AURAC and log-AURAC; each method's learning rate picked by mean
+validation AURAC over the grid at seed 0).
+
+Methods (all through the library, `MatryoshkaConfig.method`):
+  lora, dylora, matryoshka (the paper's P), matryoshka_norm (P with lambda = 1/|S|),
+  multirank (exact mean of the |S| rank losses; |S| times the compute per step).
+Evaluation conventions: every run is scored with the paper's rule (s_k A_k B_k); runs of the
+fixed-P methods are also scored after `fold_p` (rank k = prefix of A diag(P) B), as "<method>+fold".
+Equal compute: multirank is also trained for steps/|S| ("multirank@compute").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from matryoshka_lora import fold_p, load_matryoshka_model  # noqa: E402
+from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
+from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
+from matryoshka_lora.models import load_model  # noqa: E402
+from matryoshka_lora.report import plot  # noqa: E402
+
+RANKS = [1, 2, 4, 8, 16, 32]
+# lr multipliers per method relative to --base-lr: the paper's P has P_1 = |S| and mean ~2, so its
+# effective step is larger; the grid is shifted down for it.
+METHODS = {
+    "lora": ({"method": "lora"}, [1 / 3, 1, 3]),
+    "dylora": ({"method": "dylora"}, [1 / 3, 1, 3]),
+    "matryoshka": ({"method": "matryoshka"}, [1 / 9, 1 / 3, 1]),
+    "matryoshka_norm": ({"method": "custom", "weights": None}, [1 / 3, 1, 3]),  # weights filled per rank set
+    "multirank": ({"method": "multirank"}, [1 / 3, 1, 3]),
+}
+FOLDABLE = {"matryoshka", "matryoshka_norm"}
+PRESETS = {
+    # the default-suite smoke test: tiny model, a few steps
+    "tiny": dict(steps=3, batch_size=4, num_eval=4, max_new_tokens=12, seeds=[0], tasks=["arith"],
+                 methods=["lora", "matryoshka"], grid=2),
+    # sized for about two hours on a quiet 2-core CPU with SmolLM2-135M (stated in the README)
+    "cpu": dict(steps=48, batch_size=8, num_eval=48, max_new_tokens=64, seeds=[0, 1], tasks=["arith", "wordops"],
+                methods=list(METHODS), grid=3),
+}
+
+
+def _mean_std(xs):
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+class Study:
+    def __init__(self, args):
+        self.args, self.out = args, Path(args.out)
+        self.preset = {**PRESETS[args.preset], **({"steps": args.steps} if args.steps else {})}
+        self.base = self.tok = None
+
+    def model(self):
+        if self.base is None:
+            self.base, self.tok = load_model(self.args.model, dtype="float32")
+        return self.base, self.tok
+
+    def run_config(self, task, method, lr, seed, steps, out) -> RunConfig:
+        overrides, _ = METHODS[method]
+        overrides = dict(overrides)
+        if method == "matryoshka_norm":
+            overrides["weights"] = {q: 1 / len(self.ranks) for q in self.ranks}
+        p = self.preset
+        return RunConfig.from_flat(dict(
+            model=self.args.model, dataset=task, r=max(self.ranks), ranks=self.ranks, chat_template=False,
+            max_steps=steps, batch_size=p["batch_size"], num_train=steps * p["batch_size"], learning_rate=lr,
+            warmup_steps=0.1, seed=seed, data_seed=0, num_eval=p["num_eval"], eval_batch_size=32,
+            max_new_tokens=p["max_new_tokens"], metrics=["generate"], output_dir=str(out), disable_tqdm=True,
+            logging_steps=max(1, steps // 4), save_steps=max(1, steps // 3), save_total_limit=3, max_length=1024,
+            **overrides))
+
+    @property
+    def ranks(self):
+        return self.args.ranks
+
+    def one(self, task, method, lr, seed, steps, split, fold=False) -> dict:
+        """Train (or reuse) one run and score it on `split`; cached in eval_<split>[_fold].json."""
+        out = self.out / task / f"{method}-s{steps}" / f"lr{lr:.3g}" / f"seed{seed}"
+        cached = out / f"eval_{split}{'_fold' if fold else ''}.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        run = self.run_config(task, method, lr, seed, steps, out)
+        base, tok = self.model()
+        start = time.perf_counter()
+        if (out / "adapter" / "matryoshka_config.json").is_file():
+            model = load_matryoshka_model(base, out / "adapter")
+        else:
+            run = run.replace(resume=(out / "checkpoints").is_dir())
+            model = train(run, base, tok).model
+        if fold:
+            fold_p(model)
+        res = evaluate(run.replace(include_base=False), out / "adapter", split, model=model, tokenizer=tok)
+        res["seconds"] = time.perf_counter() - start
+        res["train_seconds"] = json.loads((out / "train_config.json").read_text()).get("seconds")
+        self.base = model.unload()
+        cached.write_text(json.dumps(res, indent=1) + "\n")
+        return res
+
+    def task(self, task) -> dict:
+        p = self.preset
+        steps = p["steps"]
+        rows = {}
+        for method in p["methods"]:
+            _, mults = METHODS[method]
+            grid = [self.args.base_lr * m for m in mults][: p["grid"]]
+            variants = [(method, False)] + ([(method + "+fold", True)] if method in FOLDABLE else [])
+            for name, fold in variants:
+                val = {lr: self.one(task, method, lr, 0, steps, "validation", fold) for lr in grid}
+                best = max(grid, key=lambda lr: _score(val[lr]))
+                tests = [self.one(task, method, best, s, steps, "test", fold) for s in p["seeds"]]
+                rows[name] = _summary(tests, best, {f"{lr:.3g}": _score(v) for lr, v in val.items()}, steps,
+                                      cost=len(self.ranks) if method == "multirank" else 1)
+                if method == "multirank" and steps // len(self.ranks) >= 1:
+                    short = steps // len(self.ranks)
+                    tests = [self.one(task, method, best, s, short, "test") for s in p["seeds"]]
+                    rows["multirank@compute"] = _summary(tests, best, None, short, cost=len(self.ranks))
+        return {"methods": rows, "steps": steps, "base_test": self.base_score(task)}
+
+    def base_score(self, task):
+        """Rank 0 (the base model) on the test split, scored once per task."""
+        out = self.out / task / "base.json"
+        if out.is_file():
+            return json.loads(out.read_text())
+        method = self.preset["methods"][0]
+        run = self.run_config(task, method, self.args.base_lr, 0, self.preset["steps"], self.out / task / "base")
+        base, tok = self.model()
+        from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
+        model = get_matryoshka_model(base, MatryoshkaConfig(r=max(self.ranks), ranks=self.ranks))
+        res = evaluate(run.replace(include_base=True, eval_ranks=[self.ranks[0]]), None, "test", model=model, tokenizer=tok)
+        self.base = model.unload()
+        out.write_text(json.dumps(res["base"]) + "\n")
+        return res["base"]
+
+
+def _score(res) -> float:
+    return next(iter(res["methods"].values()))["aurac"]
+
+
+def _summary(tests, lr, grid, steps, cost) -> dict:
+    metric = tests[0]["metric"]
+    per_rank = {}
+    for k in tests[0]["ranks"]:
+        per_rank[str(k)] = _mean_std([next(iter(t["methods"].values()))["per_rank"][str(k)][metric] for t in tests])
+    au = _mean_std([next(iter(t["methods"].values()))["aurac"] for t in tests])
+    la = _mean_std([next(iter(t["methods"].values()))["log_aurac"] for t in tests])
+    return {"learning_rate": lr, "validation_aurac_grid": grid, "steps": steps, "compute_per_step": cost,
+            "seeds": len(tests), "per_rank": per_rank, "aurac": au, "log_aurac": la,
+            "train_seconds": statistics.fmean(t.get("train_seconds") or 0 for t in tests)}
+
+
+def markdown(results) -> str:
+    lines = []
+    for task, t in results["tasks"].items():
+        ranks = sorted({int(k) for m in t["methods"].values() for k in m["per_rank"]})
+        lines += [f"### {task} (test split, mean ± std over {results['preset']['seeds'].__len__()} seeds; base model "
+                  f"{t['base_test'][results['metric']]:.1f})", "",
+                  "| method | lr | steps | cost/step | " + " | ".join(f"r={k}" for k in ranks) + " | AURAC | log-AURAC |",
+                  "|" + "---|" * (len(ranks) + 6)]
+        for name, m in t["methods"].items():
+            cells = [f"{m['per_rank'][str(k)][0]:.1f} ± {m['per_rank'][str(k)][1]:.1f}" for k in ranks]
+            lines.append(f"| {name} | {m['learning_rate']:.2g} | {m['steps']} | {m['compute_per_step']}x | "
+                         + " | ".join(cells) + f" | {m['aurac'][0]:.1f} ± {m['aurac'][1]:.1f} | "
+                         f"{m['log_aurac'][0]:.1f} ± {m['log_aurac'][1]:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=RANKS)
+    ap.add_argument("--base-lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=None, help="Override the preset's optimizer steps.")
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
+    args = ap.parse_args(argv)
+    study = Study(args)
+    started = time.perf_counter()
+    results = {"command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "preset": study.preset, "ranks": args.ranks, "metric": "exact_match_strict", "model": args.model,
+               "base_lr": args.base_lr, "tasks": {}}
+    for task in study.preset["tasks"]:
+        results["tasks"][task] = study.task(task)
+    results["seconds"] = time.perf_counter() - started
+    stem = Path(args.results)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    for task, t in results["tasks"].items():  # one plot per task, in the report.py style
+        fake = {"metric": results["metric"], "base": t["base_test"],
+                "methods": {n: {"per_rank": {k: {results["metric"]: v[0]} for k, v in m["per_rank"].items()},
+                                "aurac": m["aurac"][0]} for n, m in t["methods"].items()}}
+        plot(fake, stem.with_name(f"{stem.name}-{task}.png"))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
