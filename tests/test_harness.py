@@ -91,7 +91,8 @@ def test_write_local_tasks_fills_absolute_paths(tmp_path):
     assert gsm["dataset_kwargs"]["data_files"] == {"train": "/data/gsm8k/train.jsonl", "test": "/data/gsm8k/test.jsonl"}
     mc = yaml.safe_load((tmp_path / "tiny_mc" / "tiny_mc.yaml").read_text())
     data = Path(mc["dataset_kwargs"]["data_files"]["test"])
-    assert data.is_absolute() and len(data.read_text().splitlines()) == 12
+    assert data == TASKS_DIR / "tiny_mc" / "tiny_mc.jsonl"  # shipped data is read in place
+    assert len(data.read_text().splitlines()) == 12
 
 
 def test_gsm8k_dir_env_and_missing_data(monkeypatch, tmp_path):
@@ -129,11 +130,12 @@ def test_resolve_metric_errors_list_available():
 
 
 def test_flatten_scores_percent_and_prefixes():
-    out = {"results": {"a": {"alias": "a", "acc,none": 0.5, "acc_stderr,none": "N/A", "word_perplexity,none": 12.0},
+    out = {"results": {"a": {"alias": "a", "acc,none": 0.5, "acc_stderr,none": "N/A", "word_perplexity,none": 12.0,
+                             "word_perplexity_stderr,none": 0.5},
                        "b": {"exact_match,strict-match": 0.25}}}
-    assert flatten_scores(out, ["a"]) == {"acc,none": 50.0, "word_perplexity,none": 12.0}
+    assert flatten_scores(out, ["a"]) == {"acc,none": 50.0, "word_perplexity,none": 12.0, "word_perplexity_stderr,none": 0.5}
     assert flatten_scores(out, ["a", "b"]) == {"a/acc,none": 50.0, "a/word_perplexity,none": 12.0,
-                                               "b/exact_match,strict-match": 25.0}
+                                               "a/word_perplexity_stderr,none": 0.5, "b/exact_match,strict-match": 25.0}
     with pytest.raises(ValueError, match="no aggregate score for 'c'"):
         flatten_scores(out, ["c"])
 
@@ -235,6 +237,24 @@ def get_mode_is_training(model) -> bool:
     from matryoshka_lora import get_controller
 
     return get_controller(model).mode is None  # the sweep restored the training weighting
+
+
+def test_chat_template_and_model_mode_restored(tmp_path):
+    """apply_chat_template renders prompts with the tokenizer's template; the model's modes come back."""
+    pytest.importorskip("lm_eval")
+    from matryoshka_lora import get_controller
+
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    model = randomize_adapter(get_matryoshka_model(byte_llama(), MatryoshkaConfig(r=4))).train()
+    res = harness_sweep(model, tok, ["tiny_mc"], ranks=[4], include_base=False, num_fewshot=1, limit=3,
+                        apply_chat_template=True, fewshot_as_multiturn=True, samples_dir=tmp_path)
+    assert res["base"] is None and list(res["methods"]["matryoshka"]["per_rank"]) == ["4"]
+    row = json.loads((tmp_path / "rank_4_tiny_mc.jsonl").read_text().splitlines()[0])
+    prompt = row["arguments"][0][0]
+    assert prompt.startswith("<user>Question: ") and prompt.count("<assistant>") == 2 and prompt.endswith("<assistant>")
+    assert model.training and get_controller(model).mode is None
 
 
 def test_rank_outside_adapter_is_refused():

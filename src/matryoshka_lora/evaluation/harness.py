@@ -18,7 +18,7 @@ several tasks each key is prefixed by its task (`"gsm8k/exact_match,strict-match
 
 Local tasks ship in `matryoshka_lora/tasks/` as templates: `${GSM8K_DIR}` and `${TASK_DIR}`
 in their `data_files` are filled in by `write_local_tasks` (lm-eval resolves relative data
-paths against the working directory, so the copies get absolute paths). `gsm8k_local` is
+paths against the working directory, so the written copies get absolute paths). `gsm8k_local` is
 lm-eval's `gsm8k` with only the data source changed; its directory comes from `gsm8k_dir`,
 else `$MLORA_GSM8K_DIR`, else the nearest `shared/data/gsm8k` in the working directory or a
 parent (`../shared/data/gsm8k` from the repository root).
@@ -60,7 +60,7 @@ DEFAULT_METRICS = {
     "hellaswag": "acc_norm,none",
 }
 # Metrics lm-eval reports on their own scale; every other metric is a fraction, shown in percent.
-_RAW_SCALE = ("perplexity", "bits_per_byte", "bleu", "chrf", "ter", "rouge")
+_RAW_SCALE = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "bleu", "chrf", "ter"}
 
 
 class HarnessNotInstalled(ImportError):
@@ -101,7 +101,11 @@ def resolve_gsm8k_dir(gsm8k_dir: str | Path | None = None) -> Path:
 
 
 def write_local_tasks(directory: str | Path, gsm8k_dir: str | Path | None = None) -> Path:
-    """Copy the shipped task YAMLs and data into `directory`, with absolute data paths filled in.
+    """Write the shipped task YAMLs into `directory` with absolute data paths filled in.
+
+    `${GSM8K_DIR}` becomes `resolve_gsm8k_dir(gsm8k_dir)`; `${TASK_DIR}` becomes the shipped
+    task folder, so data shipped with the package is read in place (a stable path, which keeps
+    the `datasets` cache from growing a new entry per run).
 
     Args:
         directory: Where to write one sub-folder per task (created if missing).
@@ -111,19 +115,13 @@ def write_local_tasks(directory: str | Path, gsm8k_dir: str | Path | None = None
         `directory`, ready to pass to lm-eval as an include path.
     """
     directory = Path(directory)
-    fills = {"${GSM8K_DIR}": resolve_gsm8k_dir(gsm8k_dir).as_posix()}
+    gsm8k = resolve_gsm8k_dir(gsm8k_dir).as_posix()
     for task_dir in sorted(p for p in TASKS_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))):
         out = directory / task_dir.name
         out.mkdir(parents=True, exist_ok=True)
-        fills["${TASK_DIR}"] = out.resolve().as_posix()
-        for src in sorted(task_dir.iterdir()):
-            if src.suffix == ".yaml":
-                text = src.read_text()
-                for key, value in fills.items():
-                    text = text.replace(key, value)
-                (out / src.name).write_text(text)
-            elif src.suffix == ".jsonl":
-                (out / src.name).write_bytes(src.read_bytes())
+        for src in sorted(task_dir.glob("*.yaml")):
+            text = src.read_text().replace("${GSM8K_DIR}", gsm8k).replace("${TASK_DIR}", task_dir.as_posix())
+            (out / src.name).write_text(text)
     return directory
 
 
@@ -155,8 +153,8 @@ def _task_manager(TaskManager, tasks: Sequence[str], include_paths: list[str]):
 
 # -- metrics ----------------------------------------------------------------------------------
 def _to_percent(metric_key: str, value: float) -> float:
-    name = metric_key.split(",", 1)[0]
-    return float(value) if any(t in name for t in _RAW_SCALE) else 100.0 * float(value)
+    name = metric_key.split(",", 1)[0].removesuffix("_stderr")
+    return float(value) if name in _RAW_SCALE or name.startswith("rouge") else 100.0 * float(value)
 
 
 def _task_metrics(task_result: dict[str, Any]) -> dict[str, float]:
@@ -248,7 +246,8 @@ def harness_sweep(
         tasks: lm-eval task names (list or comma-separated), built in or found in `include_path`;
             the shipped local tasks `gsm8k_local` and `tiny_mc` are always available.
         ranks: Ranks to evaluate, each in 1..R. Default: the adapter's rank set S.
-        num_fewshot: Shots per prompt (None: each task's own default, e.g. 5 for gsm8k).
+        num_fewshot: Shots per prompt (None: each task's own default, e.g. 5 for gsm8k). lm-eval
+            keeps 0 for a task whose YAML says `num_fewshot: 0`, whatever is passed here.
         limit: Evaluate only the first `limit` documents (or this fraction if < 1) of each task.
         metric: Headline metric, e.g. "acc_norm,none" (see `resolve_metric`); default per task.
         include_path: Extra folder(s) of lm-eval task YAMLs.
@@ -260,12 +259,16 @@ def harness_sweep(
         include_base: Also score rank 0 (the base model, "PT").
         method_name: Row name in the results (default: the adapter's method, e.g. "matryoshka").
         samples_dir: If set, write lm-eval's per-item records as `<base|rank_k>_<task>.jsonl` there.
-        bootstrap_iters: lm-eval's bootstrap iterations for stderrs of non-mean metrics (0: skip).
+        bootstrap_iters: lm-eval's bootstrap draws for stderrs of metrics such as f1 or bleu
+            (means use a closed form); 0 reports no stderrs at all.
         max_length: Context length for lm-eval (default: from the model config).
 
     Returns:
         A results dict in `report.py`'s schema: "metric", "ranks", "base", "methods"
         (one entry with per-rank scores, AURAC, log-AURAC and per-rank timings), "config", "timings".
+        The model ends in its previous train/eval mode and rank mode. Side effects of lm-eval:
+        each run reseeds Python, NumPy and torch global RNGs (to its defaults 0/1234/1234), and
+        the tokenizer gets a pad token if it had none.
 
     Raises:
         HarnessNotInstalled: lm-eval is missing.
@@ -289,37 +292,39 @@ def harness_sweep(
 
     started = time.perf_counter()
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers stay injected
-    hf_model.eval()
-    with tempfile.TemporaryDirectory(prefix="mlora_tasks_") as tmp:
-        include = [str(write_local_tasks(tmp, gsm8k_dir))] + [str(Path(p).resolve()) for p in extra]
-        task_manager = _task_manager(TaskManager, tasks, include)
-        lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    was_training = model.training
+    model.eval()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlora_tasks_") as tmp:
+            include = [str(write_local_tasks(tmp, gsm8k_dir))] + [str(Path(p).resolve()) for p in extra]
+            task_manager = _task_manager(TaskManager, tasks, include)
+            lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
-        def evaluate(label: str) -> tuple[dict[str, float], float, dict]:
-            t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-                use_cache=None, cache_requests=False,  # fresh outputs for every rank
-                log_samples=samples_dir is not None, bootstrap_iters=bootstrap_iters,
-                apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
-                system_instruction=system_instruction,
-            )
-            seconds = time.perf_counter() - t0
-            if samples_dir is not None:
-                _write_samples(Path(samples_dir), label, out["samples"])
-            return flatten_scores(out, tasks), seconds, out
+            def evaluate(k: int, label: str) -> tuple[dict[str, float], float, dict]:
+                t0 = time.perf_counter()
+                with set_rank(model, k):
+                    out = lm_eval.simple_evaluate(
+                        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+                        use_cache=None, cache_requests=False,  # fresh outputs for every rank
+                        log_samples=samples_dir is not None, bootstrap_iters=bootstrap_iters,
+                        apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+                        system_instruction=system_instruction,
+                    )
+                if samples_dir is not None:
+                    _write_samples(Path(samples_dir), label, out["samples"])
+                return flatten_scores(out, tasks), time.perf_counter() - t0, out
 
-        base, base_s, headline = None, None, None
-        if include_base:
-            with set_rank(model, 0):
-                base, base_s, first = evaluate("base")
-            headline = resolve_metric(base, tasks, metric)  # fail fast, before the rank sweep
-        per_rank, rank_s = {}, {}
-        for k in ranks:
-            with set_rank(model, k):
-                per_rank[k], rank_s[str(k)], first_k = evaluate(f"rank_{k}")
-            if headline is None:
-                headline, first = resolve_metric(per_rank[k], tasks, metric), first_k
+            base = base_s = headline = first = None
+            if include_base:
+                base, base_s, first = evaluate(0, "base")
+                headline = resolve_metric(base, tasks, metric)  # fail fast, before the rank sweep
+            per_rank, rank_s = {}, {}
+            for k in ranks:
+                per_rank[k], rank_s[str(k)], out = evaluate(k, f"rank_{k}")
+                if headline is None:
+                    headline, first = resolve_metric(per_rank[k], tasks, metric), out
+    finally:
+        model.train(was_training)
 
     name = method_name or controller.config.method
     entry = method_summary(per_rank, headline)
