@@ -35,6 +35,7 @@ GSM8K_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gs
 if not GSM8K_DIR.is_dir():
     GSM8K_DIR = Path("/work/shared/data/gsm8k")
 RANKS = [1, 8]
+BATCH = 8  # the same in every run compared below, so padding is the same too
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -175,7 +176,7 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("harness")
     tok = byte_tokenizer()
     model = randomize_adapter(get_matryoshka_model(byte_llama(seed=0), MatryoshkaConfig(r=8))).eval()
-    results = harness_sweep(model, tok, "tiny_mc", ranks=RANKS, samples_dir=out / "samples")
+    results = harness_sweep(model, tok, "tiny_mc", ranks=RANKS, samples_dir=out / "samples", batch_size=BATCH)
     return {"results": results, "model": model, "tokenizer": tok, "samples": out / "samples", "out": out}
 
 
@@ -209,7 +210,7 @@ def test_rank_zero_equals_plain_base_model(sweep, tmp_path):
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(write_local_tasks(tmp_path)), include_defaults=False)
-    plain = lm_eval.simple_evaluate(model=HFLM(pretrained=byte_llama(seed=0), tokenizer=byte_tokenizer()),
+    plain = lm_eval.simple_evaluate(model=HFLM(pretrained=byte_llama(seed=0), tokenizer=byte_tokenizer(), batch_size=BATCH),
                                     tasks=["tiny_mc"], task_manager=tm)
     assert flatten_scores(plain, ["tiny_mc"]) == sweep["results"]["base"]
     got = loglikelihoods(sweep["samples"] / "base_tiny_mc.jsonl")
@@ -226,7 +227,7 @@ def test_reused_wrapper_matches_fresh_wrapper(sweep, tmp_path):
     tm = TaskManager(include_path=str(write_local_tasks(tmp_path)), include_defaults=False)
     model = sweep["model"]
     with set_rank(model, 8):
-        fresh = lm_eval.simple_evaluate(model=HFLM(pretrained=model.get_base_model(), tokenizer=sweep["tokenizer"]),
+        fresh = lm_eval.simple_evaluate(model=HFLM(pretrained=model.get_base_model(), tokenizer=sweep["tokenizer"], batch_size=BATCH),
                                         tasks=["tiny_mc"], task_manager=tm)
     want = [[resp[0] for resp in s["filtered_resps"]] for s in sorted(fresh["samples"]["tiny_mc"], key=lambda s: s["doc_id"])]
     assert loglikelihoods(sweep["samples"] / "rank_8_tiny_mc.jsonl") == want

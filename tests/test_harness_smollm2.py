@@ -1,8 +1,9 @@
-"""lm-eval on the real SmolLM2-135M-Instruct (slow: minutes on CPU). Run with `pytest -m slow -s`.
+"""lm-eval on the real SmolLM2-135M-Instruct (slow: 10-60 min on 2 shared CPU cores). `pytest -m slow -s`.
 
 1. The whole `mlora eval --harness` path (`harness_eval`) on local GSM8K, `--limit 5`, 8 shots.
 2. A cross-check: lm-eval's per-item strict-match on 20 GSM8K problems against an independent
    greedy-generation exact match written here (same prompt, shots, stop strings and regex).
+   The scorer itself is checked against lm-eval's regex filter and metric in the default run.
 """
 
 import os
@@ -23,8 +24,6 @@ import torch
 from matryoshka_lora import MatryoshkaConfig, aurac, get_matryoshka_model, save_matryoshka
 from matryoshka_lora.evaluation.harness import HarnessConfig, harness_eval, write_local_tasks
 from matryoshka_lora.peft_seam import factors, lora_layers
-
-pytestmark = pytest.mark.slow
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K_DIR = Path("/work/shared/data/gsm8k")
@@ -53,6 +52,7 @@ def load_smollm2():
             AutoTokenizer.from_pretrained(d, gguf_file=GGUF))
 
 
+@pytest.mark.slow
 def test_harness_eval_gsm8k_local_limit5(tmp_path, capsys):
     """Random-B nested adapter (r=8, S={1,2,4,8}) on SmolLM2: save, then the full CLI path."""
     base, _ = load_smollm2()
@@ -123,6 +123,27 @@ def strict_exact_match(generation: str, answer: str) -> float:
     return float(norm(pred) == norm(answer))
 
 
+@pytest.mark.parametrize("generation, answer", [
+    (" 16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n#### 18", "Janet sells 9 eggs.\n#### 18"),
+    (" It costs $1,000.\n#### $1,000.", "...\n#### 1000"),  # '$' right after '#### ': [invalid]
+    (" So 1,000 in all.\n#### 1,000.", "...\n#### 1000"),   # ',' and the final '.' are ignored
+    (" #### 7 and then #### 8", "#### 8"),            # strict takes the first match
+    (" The answer is 18.", "#### 18"),                 # no '#### ': [invalid]
+    (" #### -3", "#### -3"),
+    (" #### 2.50", "#### 2.5"),
+])
+def test_own_scorer_matches_lm_eval_scoring(generation, answer):
+    """Fast: the cross-check's scorer equals lm-eval's RegexFilter + exact_match on gsm8k's settings."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    filtered = RegexFilter(regex_pattern=STRICT.pattern).apply([[generation]], [{}])[0][0]
+    theirs = exact_match_hf_evaluate([filtered], [answer], regexes_to_ignore=IGNORE, ignore_case=True)["exact_match"]
+    assert strict_exact_match(generation, answer) == float(theirs)
+
+
+@pytest.mark.slow
 def test_strict_match_agrees_with_own_greedy_exact_match(tmp_path, capsys):
     """Same 20 problems, 3 shots (the paper's other GSM8K setting; 8 shots costs 3x on CPU)."""
     import lm_eval
