@@ -64,3 +64,18 @@ def test_compare_writes_consistent_json_table_plot(tiny_model_dir, tmp_path):
 def test_bad_option_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     assert main(["train", *common(tiny_model_dir, tmp_path / "x"), "--ranks", "1,8"]) == 2
     assert "larger than r=4" in capsys.readouterr().err
+
+
+def test_eval_harness_from_cli(tiny_model_dir, tmp_path, capsys):
+    from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, save_matryoshka
+    from matryoshka_lora.models import load_model
+    from conftest import randomize_adapter
+
+    base, _ = load_model(str(tiny_model_dir))
+    save_matryoshka(randomize_adapter(get_matryoshka_model(base, MatryoshkaConfig(r=4))), tmp_path / "ad")
+    argv = ["eval", "--harness", "--tasks", "tiny_mc", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "ad"),
+            "--eval-ranks", "1,4", "--limit", "4", "--harness-batch-size", "4", "--out", str(tmp_path / "h")]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "h" / "results.json").read_text())
+    assert sorted(res["methods"]["matryoshka"]["per_rank"]) == ["1", "4"] and res["base"] is not None
+    assert "| matryoshka |" in capsys.readouterr().out

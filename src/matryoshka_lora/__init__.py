@@ -3,6 +3,7 @@
 from .config import MatryoshkaConfig
 from .data import DataConfig, Example, fewshot_examples, load_examples
 from .evaluation.extract import extract_flexible, extract_strict, is_correct
+from .evaluation.harness import HarnessConfig, harness_eval, harness_sweep
 from .export import export_rank, rank_footprint
 from .merge import merge_rank, merge_to_dir, unmerge
 from .metrics import aurac, log_aurac
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DataConfig",
     "Example",
+    "HarnessConfig",
     "MatryoshkaConfig",
     "aurac",
     "build_prompt",
@@ -31,6 +33,8 @@ __all__ = [
     "fold_p",
     "get_controller",
     "get_matryoshka_model",
+    "harness_eval",
+    "harness_sweep",
     "is_correct",
     "load_examples",
     "load_matryoshka_model",

@@ -80,10 +80,30 @@ def _train(args):
     print(f"Adapter saved to {result.adapter_dir} ({result.seconds:.0f} s).")
 
 
+def _harness(args):
+    from .evaluation.harness import HarnessConfig, harness_eval
+    from .report import load_results, markdown_table
+
+    run = run_config(args)  # model/dtype/ranks/shots come from the shared run options
+    given = vars(args)
+    config = HarnessConfig.from_args(argparse.Namespace(
+        model=run.model.model, gguf_file=run.model.gguf_file, dtype=run.model.dtype, adapter=str(args.adapter),
+        tasks=args.tasks, ranks=run.eval.eval_ranks, num_fewshot=given.get("num_fewshot"), limit=args.limit,
+        metric=args.metric, include_path=args.include_path, gsm8k_dir=args.gsm8k_dir, batch_size=args.harness_batch_size,
+        apply_chat_template=args.apply_chat_template, fewshot_as_multiturn=args.fewshot_as_multiturn,
+        system_instruction=args.system_instruction, log_samples=args.log_samples,
+        out_dir=str(args.out or Path(args.adapter).parent / "eval_harness")))
+    paths = harness_eval(config)
+    print(markdown_table(load_results(paths["json"])))
+    print("Results written to " + ", ".join(str(p) for p in paths.values()))
+
+
 def _eval(args):
     from .experiment import evaluate
     from .report import markdown_table
 
+    if args.harness:
+        return _harness(args)
     run = run_config(args)
     out = args.out or Path(args.adapter).parent / f"eval_{args.split}"
     results = evaluate(run, args.adapter, args.split, out_dir=out)
@@ -128,6 +148,19 @@ def _eval_options(p):
     p.add_argument("--adapter", required=True, type=Path, help="Adapter directory written by `mlora train` (<output_dir>/adapter).")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="Which split to score.")
     p.add_argument("--out", type=Path, default=None, help="Where results.json/.md/.png go (default: next to the adapter).")
+    h = p.add_argument_group("lm-evaluation-harness (--harness; needs `pip install 'matryoshka-lora[harness]'`)")
+    h.add_argument("--harness", action="store_true", help="Score lm-eval tasks at every rank instead of the built-in evaluator.")
+    h.add_argument("--tasks", type=_parse_list(str), default=["gsm8k"],
+                   help="lm-eval tasks, e.g. gsm8k,arc_challenge; shipped offline tasks: gsm8k_local, tiny_mc.")
+    h.add_argument("--limit", type=float, default=None, help="Only the first N documents per task (quick checks).")
+    h.add_argument("--metric", default=None, help="Headline metric, e.g. exact_match,strict-match or acc_norm,none.")
+    h.add_argument("--include-path", type=_parse_list(str), default=None, help="Extra folders of lm-eval task YAMLs.")
+    h.add_argument("--gsm8k-dir", default=None, help="GSM8K folder (train.jsonl, test.jsonl) for gsm8k_local.")
+    h.add_argument("--harness-batch-size", default="1", help="lm-eval batch size: an integer or 'auto'.")
+    h.add_argument("--apply-chat-template", action="store_true", help="Wrap lm-eval prompts in the chat template.")
+    h.add_argument("--fewshot-as-multiturn", action="store_true", help="With --apply-chat-template: shots as turns.")
+    h.add_argument("--system-instruction", default=None, help="Optional system prompt for lm-eval.")
+    h.add_argument("--log-samples", action="store_true", help="Also write lm-eval's per-item records.")
 
 
 def _demo_options(p):
@@ -221,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .evaluation.harness import HarnessNotInstalled
+
     try:
         args.func(args)
-    except (ValueError, OSError, FloatingPointError) as e:  # bad input, disk full, NaN loss: the message names the fix
+    except (ValueError, OSError, FloatingPointError, HarnessNotInstalled) as e:  # bad input, disk full, NaN, missing extra: the message names the fix
         print(f"mlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -59,7 +59,7 @@ def _cache_dir_for(directory: str, gguf_file: str) -> Path:
 
 
 def load_model(model: str, gguf_file: str | None = None, dtype: str = "float32",
-               trust_remote_code: bool = False, cache: bool = True):
+               trust_remote_code: bool = False, cache: bool = True, device: str | None = None):
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -69,6 +69,7 @@ def load_model(model: str, gguf_file: str | None = None, dtype: str = "float32",
         dtype: float32 | bfloat16 | float16 | auto (the checkpoint's own dtype).
         trust_remote_code: Passed to transformers; off unless the user asks.
         cache: Cache dequantized GGUF weights as safetensors under `cache_root()`.
+        device: cpu | cuda | cuda:0 ...; default cuda when available, else cpu.
 
     Returns:
         (model, tokenizer); the tokenizer has a pad token (eos if it had none).
@@ -96,7 +97,7 @@ def load_model(model: str, gguf_file: str | None = None, dtype: str = "float32",
         tok.pad_token = tok.eos_token
     lm.config.pad_token_id = tok.pad_token_id
     lm.generation_config.pad_token_id = tok.pad_token_id
-    return lm, tok
+    return lm.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tok
 
 
 def _as_dense(lm):

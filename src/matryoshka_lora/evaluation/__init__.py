@@ -1,4 +1,4 @@
-"""Evaluation: answer extraction (lm-eval gsm8k rules) and, later, rank-sweep evaluators."""
+"""Scoring nested adapters at every rank: built-in evaluators and the lm-evaluation-harness wrapper."""
 
 from .extract import extract, extract_flexible, extract_strict, is_correct, normalize
 
