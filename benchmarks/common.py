@@ -29,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -164,26 +165,49 @@ def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     return out
 
 
-def step_peak_bytes(step: Callable[[], object], device: str) -> int:
-    """Highest live torch bytes reached while `step` runs, above the level when it starts."""
+def _op_counts(events) -> Counter:
+    return Counter(e.name() for e in events if e.name() != "[memory]")
+
+
+def profile_step(step: Callable[[], object], device: str) -> tuple[int, Counter]:
+    """Run `step` once, measured: (highest live torch bytes above its start level, ops dispatched by name).
+
+    The op counts (aten ops and autograd nodes, from torch.profiler) are exact where timings are
+    noisy: two variants with the same counts run the same kernels on the same shapes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    from torch.profiler import ProfilerActivity, profile
-
+        peak = torch.cuda.max_memory_allocated() - start
+        with profile(activities=[ProfilerActivity.CPU]) as prof:  # a second step, for the op counts only
+            step()
+            torch.cuda.synchronize()
+        return peak, _op_counts(prof.profiler.kineto_results.events())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+    events = prof.profiler.kineto_results.events()
+    memory = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
     level = peak = 0
-    for e in events:
+    for e in memory:
         level += e.nbytes()  # + for an allocation, - for a free
         peak = max(peak, level)
-    return peak
+    return peak, _op_counts(events)
+
+
+def step_peak_bytes(step: Callable[[], object], device: str) -> int:
+    """Highest live torch bytes reached while `step` runs, above the level when it starts."""
+    return profile_step(step, device)[0]
+
+
+def op_difference(counts: Counter, reference: Counter) -> dict[str, int]:
+    """Ops whose count differs from the reference's: {name: count - reference count}."""
+    return {name: counts[name] - reference[name] for name in sorted(set(counts) | set(reference))
+            if counts[name] != reference[name]}
 
 
 def memory_method(device: str) -> str:

@@ -11,6 +11,7 @@ processes slows the suite down but should not move the ratios.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -23,8 +24,8 @@ from .common import RESULTS, environment, log, write_json
 # Per shape: (rounds, batch, seq). The 1B shape's step is mostly its 128k-vocabulary head.
 TRAINING_SHAPES = (("smollm2-135m", None, dict(rounds=6)), ("llama-3.2-1b", 2, dict(rounds=5)))
 TRAIN = dict(ranks=(8, 32, 128), batch=1, seq=64, warmup=0)
-SWEEP = dict(shape="smollm2-135m", layers=4, r=32, n_examples=1, rounds=3, warmup=1)
-INFER = dict(shape="smollm2-135m", r=32, ks=(8, 32), batch=2, seq=64, rounds=5, warmup=1)
+SWEEP = dict(shape="smollm2-135m", layers=4, r=32, n_examples=1, rounds=4, warmup=1)
+INFER = dict(shape="smollm2-135m", r=32, ks=(8, 32), batch=2, seq=64, rounds=7, warmup=1)
 
 
 def run(out=None, quick: bool = False, threads: int | None = 1, tokenizer=None) -> dict:
@@ -60,13 +61,26 @@ def run(out=None, quick: bool = False, threads: int | None = 1, tokenizer=None) 
 
 def summary(result: dict) -> dict:
     """The headline ratios: what the README quotes (medians of per-round ratios)."""
-    out = {"training_step_time_vs_peft_lora": {}, "training_peak_memory_vs_peft_lora": {}}
+    out = {"training_step_time_vs_peft_lora": {}, "training_peak_memory_vs_peft_lora": {},
+           "training_extra_ops_per_adapted_layer": {}}
+    pooled: dict[str, list[float]] = {}
     for res in result["training_step"]:
         key = f"{res['config']['shape']}/{res['config']['layers']}L"
         out["training_step_time_vs_peft_lora"][key] = {
             r: {v: round(t["median_round_ratio"], 3) for v, t in per["time"].items()} for r, per in res["per_r"].items()}
         out["training_peak_memory_vs_peft_lora"][key] = {
             r: {v: round(m, 4) for v, m in per["memory_ratio"].items()} for r, per in res["per_r"].items()}
+        out["training_extra_ops_per_adapted_layer"][key] = {
+            r: {v: {op: n / per["adapted_layers"] for op, n in diff.items()} for v, diff in per["ops_vs_reference"].items()
+                if v != "base_only"} for r, per in res["per_r"].items()}
+        for per in res["per_r"].values():
+            for v, t in per["time"].items():
+                pooled.setdefault(v, []).extend(t["round_ratios"])
+    # Every round of every shape and R together: the systematic part of a ratio, with less noise.
+    out["training_step_time_vs_peft_lora_pooled"] = {
+        v: {"median": round(statistics.median(x), 3),
+            "quartiles": [round(q, 3) for q in statistics.quantiles(x, n=4, method="inclusive")] if len(x) > 1 else x * 2,
+            "rounds": len(x)} for v, x in pooled.items()}
     out["sweep_vs_singles"] = round(result["rank_sweep"]["sweep_ratio"], 3)
     out["mixed_batch_vs_separate"] = round(result["rank_sweep"]["mixed_ratio"], 3)
     out["inference_vs_base"] = {k: {c: round(t["median_round_ratio"], 3) for c, t in per.items()}

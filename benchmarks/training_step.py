@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-from .common import (build_base, environment, interleave, log, memory_method, share_copy, state_tensors,
-                     step_peak_bytes, storage_bytes, summarize, write_json)
+from .common import (build_base, environment, interleave, log, memory_method, op_difference, profile_step,
+                     share_copy, state_tensors, storage_bytes, summarize, write_json)
 
 VARIANTS = ("peft_lora", "lora", "dylora", "matryoshka", "base_only")
 REFERENCE = "peft_lora"
@@ -48,11 +48,30 @@ def build_variant(base: torch.nn.Module, variant: str, r: int):
         model = get_matryoshka_model(model, MatryoshkaConfig(r=r, method=variant, target_modules="all-linear"))
         if variant == "dylora":
             before_step = lambda: draw_rank(model)  # noqa: E731 - one draw per optimizer step, as in training
+        prime_vectors(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     init_state(optimizer)
     return model, optimizer, before_step
+
+
+def prime_vectors(model) -> None:
+    """Build the cached training P vectors (every DyLoRA draw too), as the first steps of a run would.
+
+    The measured first step then shows the steady state: no vector is built inside it.
+    """
+    from matryoshka_lora.model import get_controller
+    from matryoshka_lora.peft_seam import factors, lora_layers
+
+    controller = get_controller(model)
+    name, layer = next(iter(lora_layers(model)))
+    like = factors(layer)[0].new_empty(0, controller.config.r)  # lora_A's output: (..., R), its dtype and device
+    previous = controller.training_k
+    for k in controller.config.ranks if controller.config.method == "dylora" else [None]:
+        controller.training_k = k
+        controller.vector(name, like)
+    controller.training_k = previous
 
 
 def init_state(optimizer: torch.optim.Optimizer) -> None:
@@ -113,9 +132,11 @@ def run(shape: str = "smollm2-135m", ranks=(8, 32, 128), batch: int = 1, seq: in
         if str(device).startswith("cuda"):
             for step in steps.values():  # cuBLAS workspaces are allocated once per process: not by one variant
                 step()
-        peaks, trainable = {}, {}
+        peaks, trainable, ops = {}, {}, {}
         for v, (m, opt, hook) in built.items():  # AdamW state exists, grads are cleared: the steady state
-            peaks[v] = storage_bytes(state_tensors(m, opt)) + step_peak_bytes(steps[v], device)
+            state = storage_bytes(state_tensors(m, opt))
+            in_step, ops[v] = profile_step(steps[v], device)
+            peaks[v] = state + in_step
             trainable[v] = sum(p.numel() for p in m.parameters() if p.requires_grad)
         times = interleave(steps, rounds=rounds, warmup=warmup, device=device)
         out["per_r"][str(r)] = {
@@ -123,6 +144,11 @@ def run(shape: str = "smollm2-135m", ranks=(8, 32, 128), batch: int = 1, seq: in
             "peak_bytes": peaks,
             "memory_ratio": {v: peaks[v] / peaks[REFERENCE] for v in variants} if REFERENCE in peaks else {},
             "trainable_params": trainable,
+            "adapted_layers": sum(1 for name, _ in built[REFERENCE][0].named_modules() if name.endswith(".lora_A"))
+            if REFERENCE in built else None,
+            "ops_per_step": {v: sum(c.values()) for v, c in ops.items()},
+            "ops_vs_reference": {v: op_difference(c, ops[REFERENCE]) for v, c in ops.items() if v != REFERENCE}
+            if REFERENCE in ops else {},
         }
         del built, steps
     return out
