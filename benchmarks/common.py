@@ -2,10 +2,11 @@
 
 Timing. Every comparison runs its cases in the same process, interleaved round by round
 (A B C, B C A, C A B, ...: the order rotates so no case always runs first), after warm-up.
-We report each case's median and spread, the ratio of medians against the reference, and
-the median of per-round ratios (each ratio taken between runs a few seconds apart, so load
-from other processes mostly cancels). Targets are about systematic overhead, so read the
-per-round ratios, not single runs.
+We report each case's median and spread, the ratio of medians against the reference, the
+ratio of minimums (interference only ever slows a run down), and the median of per-round
+ratios (each ratio taken between runs a few seconds apart, so slow drifts in machine load
+cancel): the headline. Targets are about systematic overhead, so read the per-round ratios,
+not single runs, and the exact op counts next to them (training_step.py).
 
 Memory. On CUDA, `torch.cuda.max_memory_allocated`. On CPU torch has no allocator counter,
 and tracemalloc / RSS do not see torch's allocations exactly (RSS also counts the Python heap,
@@ -133,6 +134,8 @@ def summarize(times: dict[str, list[float]], reference: str, scale: dict[str, fl
             "min_s": min(ts),
             "max_s": max(ts),
             "ratio_of_medians": statistics.median(ts) / statistics.median(ref) * scale.get(reference, 1.0) / scale.get(name, 1.0),
+            # Load from other processes only ever slows a run down, so the fastest run is the least disturbed.
+            "ratio_of_mins": min(ts) / min(ref) * scale.get(reference, 1.0) / scale.get(name, 1.0),
             "median_round_ratio": statistics.median(per_round),
             "round_ratio_quartiles": [round(quartiles[0], 4), round(quartiles[2], 4)],
             "round_ratios": [round(x, 4) for x in per_round],

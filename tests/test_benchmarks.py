@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import common, inference, rank_sweep, run_all, training_step  # noqa: E402
 
-TIMING = {"median_s", "min_s", "max_s", "ratio_of_medians", "median_round_ratio", "round_ratio_quartiles", "round_ratios",
+TIMING = {"median_s", "min_s", "max_s", "ratio_of_medians", "ratio_of_mins", "median_round_ratio", "round_ratio_quartiles", "round_ratios",
           "times_s"}
 
 
@@ -82,6 +82,7 @@ def test_run_all_quick_writes_the_full_structure(tmp_path):
     summary = result["summary"]
     assert set(summary["training_step_time_vs_peft_lora"]["tiny/2L"]["8"]) == set(training_step.VARIANTS)
     assert isinstance(summary["sweep_vs_singles"], float) and isinstance(summary["mixed_batch_vs_separate"], float)
+    assert isinstance(summary["disturbed_blocks"], list) and summary["training_step_time_vs_peft_lora_pooled"]["matryoshka"]["rounds"] == 1
     tables = run_all.tables(result)
     assert tables.count("| peft_lora |") == 1 and "merged_unloaded" in tables
 
