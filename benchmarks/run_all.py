@@ -80,8 +80,8 @@ def summary(result: dict) -> dict:
                 pooled.setdefault(v, []).extend(t["round_ratios"])
             floor = per["time"].get("base_only")
             if floor is not None and floor["median_round_ratio"] > 1.0:
-                # The floor does strictly less work than PEFT LoRA: if it measured slower, load from
-                # other processes decided this block, not the code.
+                # The floor does strictly less work than PEFT LoRA; where it measured slower, this
+                # block's noise was larger than the true gap (small where the vocabulary head dominates).
                 out["disturbed_blocks"].append(f"{key} R={r}")
     # Every round of every shape and R together: the systematic part of a ratio, with less noise.
     out["training_step_time_vs_peft_lora_pooled"] = {
