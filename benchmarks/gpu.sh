@@ -12,15 +12,18 @@
 #   PYTHON=/path/to/python benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-"$PY" - <<'PYCHECK'
+"$PY" - "$@" <<'PYCHECK'
 import importlib.util, sys
 missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu.sh needs {', '.join(missing)} installed (pip install torch transformers peft).")
+import torch
+if "cpu" not in sys.argv[1:] and not torch.cuda.is_available():
+    sys.exit("gpu.sh: torch sees no CUDA device (torch " + torch.__version__ + "); pass --device cpu to try it on CPU.")
 PYCHECK
 
 exec "$PY" -m benchmarks.training_step \
