@@ -26,5 +26,9 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# CPU benchmark suite (under 15 minutes on 2 cores): writes benchmarks/results/cpu.json.
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
