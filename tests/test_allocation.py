@@ -207,3 +207,18 @@ def test_cli_allocate_writes_patterns_exports_and_sweep(tmp_path, capsys):
     assert "below the smallest allocation" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "none")]) == 2
     assert "--budget" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_all_210_modules_within_budget(tmp_path):
+    from matryoshka_lora import DataConfig, encode_examples, load_examples
+    from matryoshka_lora.models import load_model
+
+    base, tok = load_model("smollm2-135m")
+    model = randomize_adapter(get_matryoshka_model(base, MatryoshkaConfig(r=32)), std=0.02).eval()
+    calib = encode_examples(tok, load_examples(DataConfig(dataset="arith", num_eval=8), "validation"), True, 512)
+    alloc = allocate_ranks(model, calib, "avg-rank:2", refresh=0.5, progress=False)
+    assert len(alloc.rank_pattern) == 210 and set(alloc.rank_pattern.values()) <= {1, 2, 4, 8, 16, 32}
+    assert alloc.params <= alloc.budget_params == 2 * sum(sizes(model).values())
+    out = export_rank(model, alloc.rank_pattern, tmp_path / "plain")
+    assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"]

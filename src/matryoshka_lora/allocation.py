@@ -311,7 +311,7 @@ class _Greedy:
         self.params = float(choices[0] * self.sizes.sum())
         self.estimated_gain = 0.0
         self.refreshes: list[dict] = []
-        self._score()
+        self.gain = None  # (L, C-1) estimated loss drop of each move; scored when first needed
 
     def pattern(self, idx: torch.Tensor | None = None) -> dict[str, int]:
         idx = self.idx if idx is None else idx
@@ -341,6 +341,12 @@ class _Greedy:
 
     def at(self, budget: float) -> tuple[dict[str, int], float, float]:
         """Follow the path while the next move fits, then fill the rest; (pattern, params, estimated gain)."""
+        open_ = self.idx < len(self.choices) - 1
+        col = self.idx.clamp(max=len(self.choices) - 2)
+        if not bool((open_ & (self.cost[torch.arange(len(col)), col] <= budget - self.params + 1e-9)).any()):
+            return self.pattern(), self.params, self.estimated_gain  # no move fits: no gradients needed
+        if self.gain is None:
+            self._score()
         while True:
             layer = self._best(self.idx, None)
             if layer is None:

@@ -206,7 +206,7 @@ def _allocate_options(p):
                    help="Budget(s), comma-separated: avg-rank:4 (the size of uniform rank 4), params:500000 "
                         "(adapter parameters) or fraction:0.25 (of the full-rank adapter).")
     p.add_argument("--sweep", action="store_true",
-                   help="The whole budget curve: held-out loss (test split, --num-eval examples) at each budget "
+                   help="The whole budget curve: held-out loss (test split, --num-eval examples, default 64) at each budget "
                         "(default: every trained rank and the midpoints) and at each uniform rank; adds allocation.png.")
     p.add_argument("--num-calibration", type=int, default=64, help="Validation examples whose loss steers the search.")
     p.add_argument("--out", type=Path, default=None, help="Output directory (default: allocation/ next to the adapter).")

@@ -272,8 +272,8 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bo
     """`mlora allocate`: per-layer ranks of a nested adapter under one or more budgets (allocation.py).
 
     Calibration examples are the first `num_calibration` of the validation split (carved out of
-    the training data); held-out examples (`sweep`) are the test split (`run.data.num_eval`), so
-    the two never overlap. Writes into `out_dir` (default: `allocation/` next to the adapter)
+    the training data); held-out examples (`sweep`) are the first `run.data.num_eval` (default
+    64) of the test split, so the two never overlap. Writes into `out_dir` (default: `allocation/` next to the adapter)
     `allocation.json`, one `rank_pattern-<budget>.json` per budget (a {layer: rank} dict for
     `set_rank` / `export_rank`), with `export` a plain PEFT adapter `adapter-<budget>/` each,
     and with `sweep` the plot `allocation.png`.
@@ -301,7 +301,10 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bo
     m = run.model
     calibration = load_examples(dataclasses.replace(run.data, num_eval=num_calibration), "validation")
     calibration = encode_examples(tokenizer, calibration, m.chat_template, m.max_length)
-    heldout = encode_examples(tokenizer, load_examples(run.data, "test"), m.chat_template, m.max_length) if sweep else None
+    heldout = None
+    if sweep:  # the whole test split can be large (arith: 500); default to 64 held-out examples
+        data = run.data if run.data.num_eval else dataclasses.replace(run.data, num_eval=64)
+        heldout = encode_examples(tokenizer, load_examples(data, "test"), m.chat_template, m.max_length)
     curve = allocation_curve(model, calibration, budgets or None, heldout, allow_off=allow_off, refresh=refresh,
                              batch_size=run.eval.eval_batch_size, uniform=sweep)
     curve.config.update(adapter=str(adapter_dir), model=m.model, dataset=run.data.dataset)
