@@ -97,7 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--refresh", type=float, default=0.25, help="allocation_curve's gradient refresh.")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    p.add_argument("--reference-ranks", default="0,32", help="Uniform ranks measured for context (0 = base model).")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; 1 is much "
+                                                            "faster on a loaded CPU).")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,6 +155,19 @@ def main(argv=None) -> int:
                           **state.get(f"allocated-{k}"), "rank_pattern": point["rank_pattern"]},
         })
 
+    reference = []
+    for k in [int(k) for k in args.reference_ranks.split(",") if k.strip()]:
+        key = f"reference-{k}"
+        if state.get(key) is None:
+            log(f"measuring {key} ...")
+            with set_rank(model, k):
+                done = {"heldout_loss": completion_loss(model, test_enc, args.batch_size)["loss"],
+                        "calibration_loss": completion_loss(model, calib_enc, args.batch_size)["loss"]}
+                done.update(accuracy(model, tok, prompts, golds, stop, args))
+            state.put(key, done)
+            log(f"{key}: {done}")
+        reference.append({"rank": k, "params": k * curve["config"]["unit_params"], **state.get(key)})
+
     results = {
         "description": "Uniform rank vs per-layer allocated ranks at equal adapter-parameter budgets "
                        "(SmolLM2-135M-Instruct, MatryoshkaLoRA r=32 on arith; calibration: validation split, "
@@ -161,6 +176,7 @@ def main(argv=None) -> int:
                      "estimator": curve["config"]["estimator"], "layers": curve["config"]["layers"]},
         "allocation": {"seconds": curve["seconds"], "gradient_passes": curve["refreshes"]},
         "budgets": rows,
+        "reference": reference,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "seconds": time.perf_counter() - started,
     }
@@ -181,6 +197,10 @@ def table(results: dict) -> str:
                 "allocated (" + ", ".join(f"r{k}x{n}" for k, n in r["rank_counts"].items()) + ")"
             lines.append(f"| {row['budget']} | {name} | {r['params']:,} | {r['heldout_loss']:.4f} | "
                          f"{r['calibration_loss']:.4f} | {r['exact_match_strict']:.1f} | {r['exact_match_flexible']:.1f} |")
+    for r in results.get("reference", []):
+        name = "base model (rank 0)" if r["rank"] == 0 else f"uniform r={r['rank']}"
+        lines.append(f"| reference | {name} | {r['params']:,} | {r['heldout_loss']:.4f} | {r['calibration_loss']:.4f} | "
+                     f"{r['exact_match_strict']:.1f} | {r['exact_match_flexible']:.1f} |")
     return "\n".join(lines)
 
 

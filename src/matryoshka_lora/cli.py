@@ -208,7 +208,7 @@ def _allocate_options(p):
     p.add_argument("--sweep", action="store_true",
                    help="The whole budget curve: held-out loss (test split, --num-eval examples, default 64) at each budget "
                         "(default: every trained rank and the midpoints) and at each uniform rank; adds allocation.png.")
-    p.add_argument("--num-calibration", type=int, default=64, help="Validation examples whose loss steers the search.")
+    p.add_argument("--num-calibration", type=int, default=32, help="Validation examples whose loss steers the search.")
     p.add_argument("--out", type=Path, default=None, help="Output directory (default: allocation/ next to the adapter).")
     p.add_argument("--export", action="store_true", help="Also write each allocation as a plain PEFT adapter "
                                                          "(rank_pattern / alpha_pattern).")

@@ -267,7 +267,7 @@ def _jsonable(d: dict) -> dict:
 
 
 def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bool = False,
-             out_dir: str | Path | None = None, num_calibration: int = 64, export: bool = False,
+             out_dir: str | Path | None = None, num_calibration: int = 32, export: bool = False,
              allow_off: bool = False, refresh: float = 0.25):
     """`mlora allocate`: per-layer ranks of a nested adapter under one or more budgets (allocation.py).
 
