@@ -105,7 +105,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     budgets = [int(k) for k in args.budgets.split(",")]
-    started = time.perf_counter()
 
     adapter = get_adapter(args)
     settings = {"adapter": str(adapter), "budgets": budgets, "num_calibration": args.num_calibration,
@@ -178,7 +177,6 @@ def main(argv=None) -> int:
         "budgets": rows,
         "reference": reference,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -222,3 +222,13 @@ def test_smollm2_all_210_modules_within_budget(tmp_path):
     assert alloc.params <= alloc.budget_params == 2 * sum(sizes(model).values())
     out = export_rank(model, alloc.rank_pattern, tmp_path / "plain")
     assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+
+
+def test_rank_vectors_first_built_under_inference_mode_allow_a_backward(input_ids):
+    # evaluation (inference_mode) then gradients at the same ranks: what the allocator does at every refresh
+    model = make_model("llama", r=8, ranks=RANKS)
+    with set_rank(model, {SIGNAL: 4}, default=2):
+        with torch.inference_mode():
+            model(input_ids=input_ids)
+        model(input_ids=input_ids).logits.sum().backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

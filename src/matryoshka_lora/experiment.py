@@ -305,8 +305,9 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bo
     if sweep:  # the whole test split can be large (arith: 500); default to 64 held-out examples
         data = run.data if run.data.num_eval else dataclasses.replace(run.data, num_eval=64)
         heldout = encode_examples(tokenizer, load_examples(data, "test"), m.chat_template, m.max_length)
+    # a backward pass keeps every layer's activations: at most 8 sequences at a time (SmolLM2, batch 16: 7 GB)
     curve = allocation_curve(model, calibration, budgets or None, heldout, allow_off=allow_off, refresh=refresh,
-                             batch_size=run.eval.eval_batch_size, uniform=sweep)
+                             batch_size=min(run.eval.eval_batch_size, 8), uniform=sweep)
     curve.config.update(adapter=str(adapter_dir), model=m.model, dataset=run.data.dataset)
     out = Path(out_dir) if out_dir is not None else Path(adapter_dir).parent / "allocation"
     paths = {k: v for k, v in curve.write(out).items()}
