@@ -1,5 +1,6 @@
 """matryoshka-lora: train one LoRA adapter whose every rank prefix is a usable adapter."""
 
+from .allocation import Allocation, AllocationCurve, Budget, allocate_ranks, allocation_curve, parse_budget
 from .config import MatryoshkaConfig
 from .data import DataConfig, Example, fewshot_examples, load_examples
 from .evaluation.extract import extract_flexible, extract_strict, is_correct
@@ -16,10 +17,15 @@ from .weighting import default_ranks, prefix_weights, rank_scale, rank_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allocation",
+    "AllocationCurve",
+    "Budget",
     "DataConfig",
     "Example",
     "HarnessConfig",
     "MatryoshkaConfig",
+    "allocate_ranks",
+    "allocation_curve",
     "aurac",
     "build_prompt",
     "default_ranks",
@@ -42,6 +48,7 @@ __all__ = [
     "make_collator",
     "merge_rank",
     "merge_to_dir",
+    "parse_budget",
     "prefix_weights",
     "rank_footprint",
     "rank_scale",

@@ -190,6 +190,16 @@ def _recommend(args):
     print(recommend_rank(args.results, args.tolerance, method=args.method, metric=args.metric, adapter=args.adapter))
 
 
+def _allocate(args):
+    from .allocation import curve_table
+    from .experiment import allocate
+
+    curve, paths = allocate(run_config(args), args.adapter, args.budget, sweep=args.sweep, out_dir=args.out,
+                            num_calibration=args.num_calibration, export=args.export, allow_off=args.allow_off,
+                            refresh=args.refresh)
+    print(curve_table(curve))
+    for name, path in paths.items():
+        print(f"wrote {name}: {path}")
 
 
 def _rank_args(p, what):
@@ -223,6 +233,23 @@ def _recommend_args(p):
     p.add_argument("--adapter", default=None, help="Adapter directory for exact sizes (default: the file's entry).")
 
 
+def _allocate_options(p):
+    p.add_argument("--adapter", required=True, type=Path, help="Nested adapter directory written by `mlora train`.")
+    p.add_argument("--budget", default=None, metavar="UNIT:VALUE[,..]",
+                   help="Budget(s), comma-separated: avg-rank:4 (the size of uniform rank 4), params:500000 "
+                        "(adapter parameters) or fraction:0.25 (of the full-rank adapter).")
+    p.add_argument("--sweep", action="store_true",
+                   help="The whole budget curve: held-out loss (test split, --num-eval examples, default 64) at each budget "
+                        "(default: every trained rank and the midpoints) and at each uniform rank; adds allocation.png.")
+    p.add_argument("--num-calibration", type=int, default=32, help="Validation examples whose loss steers the search.")
+    p.add_argument("--out", type=Path, default=None, help="Output directory (default: allocation/ next to the adapter).")
+    p.add_argument("--export", action="store_true", help="Also write each allocation as a plain PEFT adapter "
+                                                         "(rank_pattern / alpha_pattern).")
+    p.add_argument("--allow-off", action="store_true", help="Let layers switch their adapter off (rank 0).")
+    p.add_argument("--refresh", type=float, default=0.25,
+                   help="Recompute the first-order scores each time the adapter has grown by this fraction.")
+
+
 COMMANDS = {  # name -> (library call, help, functions adding its flags)
     "train": (_train, "Train a nested adapter (LoRA / DyLoRA / MatryoshkaLoRA) on the HF Trainer.", [add_run_options]),
     "eval": (_eval, "Evaluate an adapter at every rank and the base model; write JSON, table and plot.",
@@ -234,6 +261,8 @@ COMMANDS = {  # name -> (library call, help, functions adding its flags)
     "export": (_export, "Write rank-k prefixes of a nested adapter as plain PEFT LoRA adapters (no base model needed).",
                [_export_args]),
     "merge": (_merge, "Merge the rank-k prefix into the base model and save a full safetensors model.", [_merge_args]),
+    "allocate": (_allocate, "Choose a rank per layer under a parameter budget, from one nested adapter (no retraining).",
+                 [add_run_options, _allocate_options]),
     "recommend": (_recommend, "Print the smallest rank within --tolerance points of the best, and the rank table.",
                   [_recommend_args]),
 }

@@ -265,3 +265,59 @@ def _train_and_eval(shared: _Shared, run: RunConfig, method: str, lr: float, out
 
 def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
+
+
+def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bool = False,
+             out_dir: str | Path | None = None, num_calibration: int = 32, export: bool = False,
+             allow_off: bool = False, refresh: float = 0.25):
+    """`mlora allocate`: per-layer ranks of a nested adapter under one or more budgets (allocation.py).
+
+    Calibration examples are the first `num_calibration` of the validation split (carved out of
+    the training data); held-out examples (`sweep`) are the first `run.data.num_eval` (default
+    64) of the test split, so the two never overlap. Writes into `out_dir` (default: `allocation/` next to the adapter)
+    `allocation.json`, one `rank_pattern-<budget>.json` per budget (a {layer: rank} dict for
+    `set_rank` / `export_rank`), with `export` a plain PEFT adapter `adapter-<budget>/` each,
+    and with `sweep` the plot `allocation.png`.
+
+    Args:
+        run: Model, data and batch size (`eval_batch_size`) settings.
+        adapter_dir: A nested adapter written by `mlora train`.
+        budgets: "avg-rank:4", "params:500000", "fraction:0.25", a list, or a comma-separated
+            string; with `sweep` and no budgets, every uniform rank of S and the midpoints.
+        sweep: Measure held-out loss at every budget and at every uniform rank (the Pareto curve).
+
+    Returns:
+        (`allocation.AllocationCurve`, {name: written path}).
+    """
+    from .allocation import allocation_curve
+    from .export import export_rank
+
+    if not budgets and not sweep:
+        raise ValueError("Pass --budget (e.g. --budget avg-rank:4, params:500000 or fraction:0.25) or --sweep "
+                         "for the whole budget curve.")
+    if not isinstance(num_calibration, int) or num_calibration < 1:
+        raise ValueError(f"num_calibration={num_calibration!r} must be a positive integer, e.g. 64.")
+    base, tokenizer = _load(run)
+    model = load_matryoshka_model(base, adapter_dir)
+    m = run.model
+    calibration = load_examples(dataclasses.replace(run.data, num_eval=num_calibration), "validation")
+    calibration = encode_examples(tokenizer, calibration, m.chat_template, m.max_length)
+    heldout = None
+    if sweep:  # the whole test split can be large (arith: 500); default to 64 held-out examples
+        data = run.data if run.data.num_eval else dataclasses.replace(run.data, num_eval=64)
+        heldout = encode_examples(tokenizer, load_examples(data, "test"), m.chat_template, m.max_length)
+    # a backward pass keeps every layer's activations: at most 8 sequences at a time (SmolLM2, batch 16: 7 GB)
+    curve = allocation_curve(model, calibration, budgets or None, heldout, allow_off=allow_off, refresh=refresh,
+                             batch_size=min(run.eval.eval_batch_size, 8), uniform=sweep)
+    curve.config.update(adapter=str(adapter_dir), model=m.model, dataset=run.data.dataset)
+    out = Path(out_dir) if out_dir is not None else Path(adapter_dir).parent / "allocation"
+    paths = {k: v for k, v in curve.write(out).items()}
+    for point in curve.points:
+        slug = point.budget.replace(":", "-")
+        path = out / f"rank_pattern-{slug}.json"
+        path.write_text(json.dumps(point.rank_pattern, indent=1) + "\n")
+        paths[f"rank_pattern {point.budget}"] = path
+        if export:
+            paths[f"adapter {point.budget}"] = export_rank(adapter_dir, point.rank_pattern, out / f"adapter-{slug}",
+                                                           overwrite=True)
+    return curve, paths

@@ -55,7 +55,9 @@ class RankController:
         full = (key, like.device, like.dtype)
         vec = self._cache.get(full)
         if vec is None:
-            vec = self._base_vector(key).to(device=like.device, dtype=like.dtype)
+            # a normal tensor even when first needed under inference_mode, so a later backward can save it
+            with torch.inference_mode(False):
+                vec = self._base_vector(key).to(device=like.device, dtype=like.dtype)
             self._cache[full] = vec
         return vec
 

@@ -63,9 +63,12 @@ def set_unit_scaling(layer: LoraLayer, adapter: str = ADAPTER) -> None:
     layer.scaling[adapter] = 1.0
 
 
-def add_bottleneck_hook(layer: LoraLayer, hook: Callable, adapter: str = ADAPTER):
-    """Run `hook(module, inputs, output)` on lora_A's output, i.e. on the (..., R) bottleneck."""
-    return layer.lora_A[adapter].register_forward_hook(hook)
+def add_bottleneck_hook(layer: LoraLayer, hook: Callable, adapter: str = ADAPTER, prepend: bool = False):
+    """Run `hook(module, inputs, output)` on lora_A's output, i.e. on the (..., R) bottleneck.
+
+    `prepend=True` runs it before the hooks already there (so it sees the bottleneck before P).
+    """
+    return layer.lora_A[adapter].register_forward_hook(hook, prepend=prepend)
 
 
 def matches(pattern: str, name: str) -> bool:
