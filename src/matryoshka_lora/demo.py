@@ -14,9 +14,9 @@ from .experiment import RunConfig, compare
 from .report import markdown_table
 
 DEMO = dict(
-    model="smollm2-135m", dataset="arith", r=32, ranks=[1, 2, 4, 8, 16, 32], chat_template=False,
-    max_steps=40, batch_size=8, num_train=320, learning_rate=1e-3, warmup_steps=0.1, lr_scheduler_type="linear",
-    num_eval=64, eval_batch_size=32, max_new_tokens=64, metrics=["generate"], logging_steps=10, seed=0,
+    model="smollm2-135m", dataset="arith", arith_max_digits=2, r=32, ranks=[1, 2, 4, 8, 16, 32], chat_template=False,
+    max_steps=24, batch_size=8, num_train=192, learning_rate=1e-3, warmup_steps=0.1, lr_scheduler_type="linear",
+    num_eval=40, eval_batch_size=40, max_new_tokens=48, metrics=["generate", "loss"], logging_steps=4, seed=0,
 )
 DEMO_LRS = {"lora": [1e-3], "dylora": [1e-3], "matryoshka": [3e-4]}
 QUICK = dict(max_steps=4, num_train=32, num_eval=8, ranks=[1, 4, 32], eval_batch_size=8, max_new_tokens=48)
