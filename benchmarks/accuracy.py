@@ -4,16 +4,19 @@ Run (resumable: finished runs are reused, so a killed study continues where it s
 
     .venv/bin/python benchmarks/accuracy.py --preset cpu --out runs/study
 
-Writes benchmarks/results/accuracy.{json,md,png} (per task: per-rank accuracy mean ± std over
-seeds on the test split, AURAC and log-AURAC; each method's learning rate picked by mean
-validation AURAC over the grid at seed 0).
+Writes benchmarks/results/accuracy.{json,md} and accuracy-<task>.png after each stage (per task:
+per-rank accuracy mean ± std over seeds on the test split, AURAC and log-AURAC). Each method's
+learning rate is picked by validation AURAC over its grid (seed 0) on the grid task; other tasks
+reuse the picked rates.
 
 Methods (all through the library, `MatryoshkaConfig.method`):
   lora, dylora, matryoshka (the paper's P), matryoshka_norm (P with lambda = 1/|S|),
   multirank (exact mean of the |S| rank losses; |S| times the compute per step).
 Evaluation conventions: every run is scored with the paper's rule (s_k A_k B_k); runs of the
 fixed-P methods are also scored after `fold_p` (rank k = prefix of A diag(P) B), as "<method>+fold".
-Equal compute: multirank is also trained for steps/|S| ("multirank@compute").
+Equal compute: "multirank@compute" trains steps/|S| steps (grid-picked lr); "multirank@steps" trains
+the full steps (|S| times the compute of the others) at LoRA's picked lr, seed 0.
+Plateau check ("longer"): the picked runs again at a multiple of the steps, seed 0.
 """
 
 from __future__ import annotations
@@ -35,23 +38,28 @@ from matryoshka_lora.models import load_model  # noqa: E402
 from matryoshka_lora.report import plot  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16, 32]
-# lr multipliers per method relative to --base-lr: the paper's P has P_1 = |S| and mean ~2, so its
-# effective step is larger; the grid is shifted down for it.
+# lr multipliers per method relative to --base-lr, spaced for each method's effective step: the
+# paper's P has P_1 = |S| and mean ~2, so its grid is shifted down; normalised P (lambda = 1/|S|)
+# has P <= 1 and mean ~1/3, so its grid is shifted up; multirank@compute gets only steps/|S|
+# updates, so its grid is shifted up too.
 METHODS = {
     "lora": ({"method": "lora"}, [1 / 3, 1, 3]),
     "dylora": ({"method": "dylora"}, [1 / 3, 1, 3]),
     "matryoshka": ({"method": "matryoshka"}, [1 / 9, 1 / 3, 1]),
-    "matryoshka_norm": ({"method": "custom", "weights": None}, [1 / 3, 1, 3]),  # weights filled per rank set
-    "multirank": ({"method": "multirank"}, [1 / 3, 1, 3]),
+    "matryoshka_norm": ({"method": "custom", "weights": None}, [1, 3, 10]),  # weights filled per rank set
+    "multirank": ({"method": "multirank"}, [1, 3, 10]),
 }
 FOLDABLE = {"matryoshka", "matryoshka_norm"}
 PRESETS = {
     # the default-suite smoke test: tiny model, a few steps
-    "tiny": dict(steps=3, batch_size=4, num_eval=4, max_new_tokens=12, seeds=[0], tasks=["arith"],
-                 methods=["lora", "matryoshka"], grid=2),
-    # sized for about two hours on a quiet 2-core CPU with SmolLM2-135M (stated in the README)
-    "cpu": dict(steps=48, batch_size=8, num_eval=48, max_new_tokens=64, seeds=[0, 1], tasks=["arith", "wordops"],
-                methods=list(METHODS), grid=3),
+    "tiny": dict(steps=3, batch_size=4, val_eval=4, test_eval=4, max_new_tokens=12, seeds=[0], tasks=["arith"],
+                 grid_task="arith", methods=["lora", "matryoshka"], task_methods={}, grid=2, longer=None),
+    # sized for about two hours on a quiet 2-core CPU with SmolLM2-135M (stated in the README):
+    # the lr grids run on arith (seed 0, validation split); wordops reuses each method's arith lr.
+    "cpu": dict(steps=32, batch_size=4, val_eval=24, test_eval=32, max_new_tokens=40, seeds=[0, 1],
+                tasks=["arith", "wordops"], grid_task="arith", methods=list(METHODS),
+                task_methods={"wordops": ["lora", "dylora", "matryoshka", "multirank"]}, grid=3,
+                longer={"task": "arith", "factor": 2, "methods": ["lora", "dylora", "matryoshka"]}),
 }
 
 
@@ -64,6 +72,7 @@ class Study:
         self.args, self.out = args, Path(args.out)
         self.preset = {**PRESETS[args.preset], **({"steps": args.steps} if args.steps else {})}
         self.base = self.tok = None
+        self.picked: dict[str, float] = {}  # method -> lr picked on the grid task
 
     def model(self):
         if self.base is None:
@@ -78,11 +87,11 @@ class Study:
         p = self.preset
         return RunConfig.from_flat(dict(
             model=self.args.model, dataset=task, r=max(self.ranks), ranks=self.ranks, chat_template=False,
-            max_steps=steps, batch_size=p["batch_size"], num_train=steps * p["batch_size"], learning_rate=lr,
-            warmup_steps=0.1, seed=seed, data_seed=0, num_eval=p["num_eval"], eval_batch_size=32,
-            max_new_tokens=p["max_new_tokens"], metrics=["generate"], output_dir=str(out), disable_tqdm=True,
-            logging_steps=max(1, steps // 4), save_steps=max(1, steps // 3), save_total_limit=3, max_length=1024,
-            **overrides))
+            arith_max_digits=2, max_steps=steps, batch_size=p["batch_size"], num_train=steps * p["batch_size"],
+            learning_rate=lr, warmup_steps=0.1, seed=seed, data_seed=0, num_eval=p["val_eval"],
+            eval_batch_size=32, max_new_tokens=p["max_new_tokens"], metrics=["generate"], output_dir=str(out),
+            disable_tqdm=True, logging_steps=max(1, steps // 4), save_steps=max(1, steps // 3),
+            save_total_limit=3, max_length=1024, **overrides))
 
     @property
     def ranks(self):
@@ -104,32 +113,63 @@ class Study:
             model = train(run, base, tok).model
         if fold:
             fold_p(model)
-        res = evaluate(run.replace(include_base=False), out / "adapter", split, model=model, tokenizer=tok)
+        size = self.preset["val_eval" if split == "validation" else "test_eval"]
+        res = evaluate(run.replace(include_base=False, num_eval=size), out / "adapter", split, model=model,
+                       tokenizer=tok)
         res["seconds"] = time.perf_counter() - start
         res["train_seconds"] = json.loads((out / "train_config.json").read_text()).get("seconds")
         self.base = model.unload()
         cached.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"[study] {task} {method}{'+fold' if fold else ''} lr={lr:.3g} seed={seed} steps={steps} {split}: "
+              f"AURAC {_score(res):.1f} ({res['seconds']:.0f}s)", flush=True)
         return res
+
+    def pick(self, task, method, steps, fold) -> tuple[float, dict | None]:
+        """The method's learning rate: best mean validation AURAC over its grid on the grid task."""
+        key = method + ("+fold" if fold else "")
+        if task != self.preset["grid_task"] and key in self.picked:
+            return self.picked[key], None
+        _, mults = METHODS[method]
+        grid = [self.args.base_lr * m for m in mults][: self.preset["grid"]]
+        val = {lr: self.one(task, method, lr, 0, steps, "validation", fold) for lr in grid}
+        best = max(grid, key=lambda lr: _score(val[lr]))
+        self.picked[key] = best
+        return best, {f"{lr:.3g}": _score(v) for lr, v in val.items()}
 
     def task(self, task) -> dict:
         p = self.preset
-        steps = p["steps"]
+        steps, n = p["steps"], len(self.ranks)
         rows = {}
-        for method in p["methods"]:
-            _, mults = METHODS[method]
-            grid = [self.args.base_lr * m for m in mults][: p["grid"]]
+        for method in p["task_methods"].get(task, p["methods"]):
             variants = [(method, False)] + ([(method + "+fold", True)] if method in FOLDABLE else [])
             for name, fold in variants:
-                val = {lr: self.one(task, method, lr, 0, steps, "validation", fold) for lr in grid}
-                best = max(grid, key=lambda lr: _score(val[lr]))
-                tests = [self.one(task, method, best, s, steps, "test", fold) for s in p["seeds"]]
-                rows[name] = _summary(tests, best, {f"{lr:.3g}": _score(v) for lr, v in val.items()}, steps,
-                                      cost=len(self.ranks) if method == "multirank" else 1)
-                if method == "multirank" and steps // len(self.ranks) >= 1:
-                    short = steps // len(self.ranks)
+                if method == "multirank":  # equal compute: |S| times the cost per step, steps/|S| steps
+                    short = max(1, steps // n)
+                    best, grid = self.pick(task, method, short, fold)
                     tests = [self.one(task, method, best, s, short, "test") for s in p["seeds"]]
-                    rows["multirank@compute"] = _summary(tests, best, None, short, cost=len(self.ranks))
+                    rows["multirank@compute"] = _summary(tests, best, grid, short, cost=n)
+                    continue
+                best, grid = self.pick(task, method, steps, fold)
+                tests = [self.one(task, method, best, s, steps, "test", fold) for s in p["seeds"]]
+                rows[name] = _summary(tests, best, grid, steps, cost=1)
+        if task == p["grid_task"] and "multirank" in p["methods"] and "lora" in self.picked:
+            # equal steps (|S| times the compute of the others), at LoRA's learning rate, seed 0 only
+            lr = self.picked["lora"]
+            rows["multirank@steps"] = _summary([self.one(task, "multirank", lr, 0, steps, "test")], lr, None,
+                                               steps, cost=n)
         return {"methods": rows, "steps": steps, "base_test": self.base_score(task)}
+
+    def longer(self) -> dict:
+        """Plateau check: the picked lr at `factor` times the steps (seed 0), next to the preset's steps."""
+        spec = self.preset["longer"]
+        task, steps = spec["task"], self.preset["steps"] * spec["factor"]
+        rows = {}
+        for method in spec["methods"]:
+            variants = [(method, False)] + ([(method + "+fold", True)] if method in FOLDABLE else [])
+            for name, fold in variants:
+                lr = self.picked[name]
+                rows[name] = _summary([self.one(task, method, lr, 0, steps, "test", fold)], lr, None, steps, cost=1)
+        return {"task": task, "steps": steps, "methods": rows}
 
     def base_score(self, task):
         """Rank 0 (the base model) on the test split, scored once per task."""
@@ -141,7 +181,8 @@ class Study:
         base, tok = self.model()
         from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
         model = get_matryoshka_model(base, MatryoshkaConfig(r=max(self.ranks), ranks=self.ranks))
-        res = evaluate(run.replace(include_base=True, eval_ranks=[self.ranks[0]]), None, "test", model=model, tokenizer=tok)
+        res = evaluate(run.replace(include_base=True, eval_ranks=[self.ranks[0]], num_eval=self.preset["test_eval"]),
+                       None, "test", model=model, tokenizer=tok)
         self.base = model.unload()
         out.write_text(json.dumps(res["base"]) + "\n")
         return res["base"]
@@ -164,20 +205,36 @@ def _summary(tests, lr, grid, steps, cost) -> dict:
 
 
 def markdown(results) -> str:
+    sections = [(f"{task} (test split, {results['preset']['test_eval']} problems; mean ± std over seeds; "
+                 f"base model {t['base_test'][results['metric']]:.1f})", t["methods"])
+                for task, t in results["tasks"].items()]
+    if results.get("longer"):
+        g = results["longer"]
+        sections.append((f"{g['task']} at {g['steps']} steps (plateau check, seed 0)", g["methods"]))
     lines = []
-    for task, t in results["tasks"].items():
-        ranks = sorted({int(k) for m in t["methods"].values() for k in m["per_rank"]})
-        lines += [f"### {task} (test split, mean ± std over {results['preset']['seeds'].__len__()} seeds; base model "
-                  f"{t['base_test'][results['metric']]:.1f})", "",
-                  "| method | lr | steps | cost/step | " + " | ".join(f"r={k}" for k in ranks) + " | AURAC | log-AURAC |",
-                  "|" + "---|" * (len(ranks) + 6)]
-        for name, m in t["methods"].items():
+    for title, methods in sections:
+        ranks = sorted({int(k) for m in methods.values() for k in m["per_rank"]})
+        lines += [f"### {title}", "",
+                  "| method | lr | steps | cost/step | seeds | " + " | ".join(f"r={k}" for k in ranks)
+                  + " | AURAC | log-AURAC |", "|" + "---|" * (len(ranks) + 7)]
+        for name, m in methods.items():
             cells = [f"{m['per_rank'][str(k)][0]:.1f} ± {m['per_rank'][str(k)][1]:.1f}" for k in ranks]
             lines.append(f"| {name} | {m['learning_rate']:.2g} | {m['steps']} | {m['compute_per_step']}x | "
-                         + " | ".join(cells) + f" | {m['aurac'][0]:.1f} ± {m['aurac'][1]:.1f} | "
+                         f"{m['seeds']} | " + " | ".join(cells) + f" | {m['aurac'][0]:.1f} ± {m['aurac'][1]:.1f} | "
                          f"{m['log_aurac'][0]:.1f} ± {m['log_aurac'][1]:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def write(results, stem: Path, started: float) -> None:
+    results["seconds"] = time.perf_counter() - started
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    for task, t in results["tasks"].items():  # one plot per task, in the report.py style
+        fake = {"metric": results["metric"], "base": t["base_test"],
+                "methods": {n: {"per_rank": {k: {results["metric"]: v[0]} for k, v in m["per_rank"].items()},
+                                "aurac": m["aurac"][0]} for n, m in t["methods"].items()}}
+        plot(fake, stem.with_name(f"{stem.name}-{task}.png"))
 
 
 def main(argv=None) -> dict:
@@ -195,18 +252,14 @@ def main(argv=None) -> dict:
     results = {"command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "preset": study.preset, "ranks": args.ranks, "metric": "exact_match_strict", "model": args.model,
                "base_lr": args.base_lr, "tasks": {}}
-    for task in study.preset["tasks"]:
-        results["tasks"][task] = study.task(task)
-    results["seconds"] = time.perf_counter() - started
     stem = Path(args.results)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    for task, t in results["tasks"].items():  # one plot per task, in the report.py style
-        fake = {"metric": results["metric"], "base": t["base_test"],
-                "methods": {n: {"per_rank": {k: {results["metric"]: v[0]} for k, v in m["per_rank"].items()},
-                                "aurac": m["aurac"][0]} for n, m in t["methods"].items()}}
-        plot(fake, stem.with_name(f"{stem.name}-{task}.png"))
+    for task in study.preset["tasks"]:  # results are rewritten after each stage, so a partial study reports
+        results["tasks"][task] = study.task(task)
+        write(results, stem, started)
+    if study.preset["longer"]:
+        results["longer"] = study.longer()
+        write(results, stem, started)
     print(markdown(results))
     return results
 
