@@ -278,3 +278,36 @@ def test_folded_adapter_exports_and_reloads(tmp_path, input_ids):
     with set_rank(model, 4):
         torch.testing.assert_close(plain_peft("llama", tmp_path / "r4")(input_ids=input_ids).logits,
                                    model(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fold_adapter_on_disk_equals_fold_p_and_export_merge_honour_it(arch, tmp_path, input_ids, capsys):
+    from matryoshka_lora import fold_adapter, fold_p, load_matryoshka_model
+    from matryoshka_lora.merge import merge_to_dir
+
+    model = make_model(arch, r=8, scaling="sqrt", alpha=2.0)
+    save_matryoshka(model, tmp_path / "nested")
+    assert cli_main(["fold", str(tmp_path / "nested"), "--out", str(tmp_path / "folded")]) == 0
+    assert "folded" in capsys.readouterr().out
+    fold_p(model)  # the in-memory fold is the reference
+    on_disk = load_file(tmp_path / "folded" / "adapter_model.safetensors")
+    for key, value in export_mod.peft_seam.adapter_state_dict(model).items():
+        torch.testing.assert_close(on_disk[key], value, atol=0, rtol=0)
+    reloaded = load_matryoshka_model(BUILDERS[arch](0), tmp_path / "folded")
+    assert reloaded._mlora_controller.config == model._mlora_controller.config
+    export_rank(tmp_path / "folded", 2, tmp_path / "r2")
+    merged = merge_to_dir(BUILDERS[arch](0), tmp_path / "folded", 2, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+    with set_rank(model, 2):  # rank 2 of the folded adapter = prefix of A diag(P) B
+        expected = model(input_ids=input_ids).logits
+    torch.testing.assert_close(plain_peft(arch, tmp_path / "r2")(input_ids=input_ids).logits, expected,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=input_ids).logits,
+                               expected, atol=1e-5, rtol=1e-5)
+    # folding twice, or an adapter with no single P, is refused with the reason
+    assert cli_main(["fold", str(tmp_path / "folded"), "--out", str(tmp_path / "again")]) == 2
+    assert "already folded" in capsys.readouterr().err
+    save_matryoshka(make_model(arch, r=8, method="dylora"), tmp_path / "dy")
+    with pytest.raises(ValueError, match="no single P"):
+        fold_adapter(tmp_path / "dy", tmp_path / "dy-folded")
+    assert not (tmp_path / "dy-folded").exists()

@@ -11,7 +11,7 @@ from .metrics import aurac, log_aurac
 from .model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_rank, set_row_ranks
 from .prompts import build_prompt, encode_examples, encode_for_training, make_collator, stop_strings
 from .recommend import recommend_rank
-from .saving import load_matryoshka_model, save_matryoshka
+from .saving import fold_adapter, load_matryoshka_model, save_matryoshka
 from .weighting import default_ranks, prefix_weights, rank_scale, rank_weights
 
 __version__ = "0.1.0"
@@ -36,6 +36,7 @@ __all__ = [
     "extract_flexible",
     "extract_strict",
     "fewshot_examples",
+    "fold_adapter",
     "fold_p",
     "get_controller",
     "get_matryoshka_model",

@@ -184,6 +184,18 @@ def _merge(args):
                                 overwrite=args.overwrite, allow_untrained=args.allow_untrained))
 
 
+def _fold(args):
+    from .saving import fold_adapter
+
+    print("wrote", fold_adapter(args.adapter, args.out, overwrite=args.overwrite))
+
+
+def _fold_args(p):
+    p.add_argument("adapter", help="Nested adapter directory trained with a fixed P (matryoshka or custom).")
+    p.add_argument("--out", required=True, help="Directory for the folded copy.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+
+
 def _recommend(args):
     from .recommend import recommend_rank
 
@@ -261,6 +273,8 @@ COMMANDS = {  # name -> (library call, help, functions adding its flags)
     "export": (_export, "Write rank-k prefixes of a nested adapter as plain PEFT LoRA adapters (no base model needed).",
                [_export_args]),
     "merge": (_merge, "Merge the rank-k prefix into the base model and save a full safetensors model.", [_merge_args]),
+    "fold": (_fold, "Write a copy of an adapter with its training P folded into lora_A: rank k then runs the "
+                    "prefix of A diag(P) B (eval, export and merge of the copy all use it).", [_fold_args]),
     "allocate": (_allocate, "Choose a rank per layer under a parameter budget, from one nested adapter (no retraining).",
                  [add_run_options, _allocate_options]),
     "recommend": (_recommend, "Print the smallest rank within --tolerance points of the best, and the rank table.",

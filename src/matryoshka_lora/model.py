@@ -256,20 +256,24 @@ def fold_p(model: torch.nn.Module) -> MatryoshkaConfig:
         ValueError: DyLoRA/multirank (no single trained P) or an adapter already folded.
     """
     controller = get_controller(model)
-    c = controller.config
+    p, folded = fold_plan(controller.config)
+    for _, layer in peft_seam.lora_layers(model):
+        A, _ = peft_seam.factors(layer)  # (R, m)
+        A.mul_(p.to(A.device, A.dtype)[:, None])
+    controller.config = folded
+    controller._cache.clear()
+    return folded
+
+
+def fold_plan(c: MatryoshkaConfig) -> tuple[torch.Tensor, MatryoshkaConfig]:
+    """The training P to multiply into lora_A's rows, and the config of the folded adapter."""
     if c.folded_from is not None:
         raise ValueError(f"This adapter is already folded (from method {c.folded_from!r}).")
     if c.method in ("dylora", "multirank"):
         raise ValueError(f"method {c.method!r} trains each rank with its own s_k P_k, so there is no single P to fold; "
                          "evaluate it with set_rank as it is.")
     p = rank_weights(c.r, c.ranks, c.method, c.scaling, c.alpha, c.weights)  # (R,)
-    for _, layer in peft_seam.lora_layers(model):
-        A, _ = peft_seam.factors(layer)  # (R, m)
-        A.mul_(p.to(A.device, A.dtype)[:, None])
-    controller.config = dataclasses.replace(c, method="lora", scaling="none", alpha=1.0, weights=None,
-                                            folded_from=c.method)
-    controller._cache.clear()
-    return controller.config
+    return p, dataclasses.replace(c, method="lora", scaling="none", alpha=1.0, weights=None, folded_from=c.method)
 
 
 def get_rank_config(model: torch.nn.Module) -> MatryoshkaConfig:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
-from .model import attach, get_controller
+from .model import attach, fold_plan, get_controller
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -229,6 +229,31 @@ def check_adapter_dir(directory: str | Path) -> MatryoshkaConfig:
                          + f"\nRestore {CONFIG_NAME} to what the weights were saved with, or re-save the adapter "
                            "with save_matryoshka().")
     return config
+
+
+def fold_adapter(directory: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """`fold_p` on a saved adapter, without loading a base model: write a copy whose lora_A rows are
+    multiplied by the training P. Eval, export and merge of the copy run rank k as the prefix of
+    the trained product A diag(P) B (see `fold_p`); the copy equals load + fold_p + save.
+
+    Raises:
+        ValueError: see `fold_p` (DyLoRA/multirank, already folded) and `check_adapter_dir`.
+    """
+    directory = Path(directory)
+    p, folded = fold_plan(check_adapter_dir(directory))
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    for key, t in tensors.items():
+        parsed = peft_seam.parse_lora_key(key)
+        if parsed and parsed[1] == "A":  # (R, m)
+            tensors[key] = t * p.to(t.dtype)[:, None]
+    with atomic_directory(out_dir, overwrite) as tmp:
+        for item in directory.iterdir():
+            if item.is_file() and item.name not in (WEIGHTS_NAME, CONFIG_NAME):
+                shutil.copy2(item, tmp / item.name)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        folded.save(tmp)
+        record_config(tmp, folded)
+    return Path(out_dir)
 
 
 def config_differences(before: MatryoshkaConfig | dict, now: MatryoshkaConfig | dict) -> list[tuple[str, object, object]]:
