@@ -93,8 +93,6 @@ def load_model(model: str, gguf_file: str | None = None, dtype: str = "float32",
     else:
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if model in EMBEDDED:  # recorded as base_model_name_or_path in adapters; `load_model` resolves it again
-        lm.name_or_path = model
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     lm.config.pad_token_id = tok.pad_token_id
