@@ -195,15 +195,12 @@ def curve_table(curve: AllocationCurve) -> str:
 
 def plot_curve(curve: AllocationCurve, path: str | Path) -> Path:
     """Loss against adapter size (log2 axis): allocated per-layer ranks vs uniform rank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import new_plot, save_log2_plot
 
     held = all(p.heldout_loss is not None for p in curve.points) and all(
         u.get("heldout_loss") is not None for u in curve.uniform)
     key = "heldout_loss" if held else "calibration_loss"
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_plot()
     ax.plot([p.params for p in curve.points], [getattr(p, key) for p in curve.points], marker="o",
             label="allocated per-layer ranks")
     uniform = [u for u in curve.uniform if u["params"] > 0]
@@ -212,16 +209,7 @@ def plot_curve(curve: AllocationCurve, path: str | Path) -> Path:
                 label="uniform rank")
         for u in uniform:
             ax.annotate(f"r={u['rank']}", (u["params"], u[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("adapter parameters")
-    ax.set_ylabel(key.replace("_", " "))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_log2_plot(fig, ax, "adapter parameters", key.replace("_", " "), path)
 
 
 # -- the loss and its gradient with respect to every layer's rank vector ---------------------

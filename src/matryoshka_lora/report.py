@@ -73,22 +73,34 @@ def _fmt(v) -> str:
 
 def plot(results: dict, path: str | Path, metric: str | None = None) -> Path:
     """Accuracy against rank on a log2 axis; one line per method, the base model dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metric = metric or results["metric"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_plot()
     for name in results["methods"]:
         ranks, ys = scores(results, name, metric)
         ax.plot(ranks, ys, marker="o", label=f"{name} (AURAC {results['methods'][name].get('aurac', float('nan')):.1f})")
     base = (results.get("base") or {}).get(metric)
     if base is not None:
         ax.axhline(base, linestyle="--", color="gray", label="base model (PT)")
+    return save_log2_plot(fig, ax, "rank", metric, path)
+
+
+def new_plot():
+    """A (fig, ax) pair on the non-interactive backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 4))
+
+
+def save_log2_plot(fig, ax, xlabel: str, ylabel: str, path) -> Path:
+    """Finish a figure in the project's style (log2 x axis, grid, legend) and write it as PNG."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("rank")
-    ax.set_ylabel(metric)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
