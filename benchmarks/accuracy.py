@@ -11,10 +11,11 @@ reuse the picked rates.
 
 Methods (all through the library, `MatryoshkaConfig.method`):
   lora, dylora, matryoshka (the paper's P), matryoshka_norm (P with lambda = 1/|S|),
-  multirank (exact mean of the |S| rank losses; |S| times the compute per step).
+  multirank (exact mean of the |S| rank losses; |S| times the compute per step),
+  multirank2 (rank R plus one rank drawn from the rest of S per step; 2x the compute).
 Evaluation conventions: every run is scored with the paper's rule (s_k A_k B_k); runs of the
 fixed-P methods are also scored after `fold_p` (rank k = prefix of A diag(P) B), as "<method>+fold".
-Equal compute: "multirank@compute" trains steps/|S| steps (grid-picked lr); "multirank@steps" trains
+Equal compute: "<method>@compute" trains steps/cost steps (grid-picked lr); "multirank@steps" trains
 the full steps (|S| times the compute of the others) at LoRA's picked lr, seed 0.
 Plateau check ("longer"): the picked runs again at a multiple of the steps, seed 0.
 """
@@ -48,6 +49,8 @@ METHODS = {
     "matryoshka": ({"method": "matryoshka"}, [1 / 9, 1 / 3, 1]),
     "matryoshka_norm": ({"method": "custom", "weights": None}, [1, 3, 10]),  # weights filled per rank set
     "multirank": ({"method": "multirank"}, [1, 3, 10]),
+    # the cheap candidate: rank R plus one rank drawn from the rest of S per step (2x compute)
+    "multirank2": ({"method": "multirank", "ranks_per_step": 2}, [1, 3, 10]),
 }
 FOLDABLE = {"matryoshka", "matryoshka_norm"}
 PRESETS = {
@@ -58,7 +61,7 @@ PRESETS = {
     # the lr grids run on arith (seed 0, validation split); wordops reuses each method's arith lr.
     "cpu": dict(steps=32, batch_size=4, val_eval=24, test_eval=32, max_new_tokens=40, seeds=[0, 1],
                 tasks=["arith", "wordops"], grid_task="arith", methods=list(METHODS),
-                task_methods={"wordops": ["lora", "dylora", "matryoshka", "multirank"]}, grid=3,
+                task_methods={"wordops": ["lora", "dylora", "matryoshka", "multirank", "multirank2"]}, grid=3,
                 longer={"task": "arith", "factor": 2, "methods": ["lora", "dylora", "matryoshka"]}),
 }
 
@@ -143,11 +146,12 @@ class Study:
         for method in p["task_methods"].get(task, p["methods"]):
             variants = [(method, False)] + ([(method + "+fold", True)] if method in FOLDABLE else [])
             for name, fold in variants:
-                if method == "multirank":  # equal compute: |S| times the cost per step, steps/|S| steps
-                    short = max(1, steps // n)
+                cost = self.cost(method)
+                if cost > 1:  # equal compute with the 1x methods: steps/cost steps
+                    short = max(1, steps // cost)
                     best, grid = self.pick(task, method, short, fold)
                     tests = [self.one(task, method, best, s, short, "test") for s in p["seeds"]]
-                    rows["multirank@compute"] = _summary(tests, best, grid, short, cost=n)
+                    rows[f"{method}@compute"] = _summary(tests, best, grid, short, cost=cost)
                     continue
                 best, grid = self.pick(task, method, steps, fold)
                 tests = [self.one(task, method, best, s, steps, "test", fold) for s in p["seeds"]]
@@ -158,6 +162,13 @@ class Study:
             rows["multirank@steps"] = _summary([self.one(task, "multirank", lr, 0, steps, "test")], lr, None,
                                                steps, cost=n)
         return {"methods": rows, "steps": steps, "base_test": self.base_score(task)}
+
+    def cost(self, method) -> int:
+        """Forward/backward passes per step, in LoRA steps."""
+        overrides, _ = METHODS[method]
+        if overrides["method"] != "multirank":
+            return 1
+        return overrides.get("ranks_per_step") or len(self.ranks)
 
     def longer(self) -> dict:
         """Plateau check: the picked lr at `factor` times the steps (seed 0), next to the preset's steps."""

@@ -70,3 +70,37 @@ def test_eval_mode_and_other_methods_use_the_plain_loss(batch, tmp_path):
     with set_rank(model, 8):
         expected = model(**batch).loss
         torch.testing.assert_close(trainer_loss(model, batch, tmp_path), expected)
+
+
+def test_ranks_per_step_trains_largest_plus_drawn_ranks(batch, tmp_path):
+    cfg = dict(r=8, ranks=[1, 2, 4, 8], method="multirank", scaling="sqrt")
+    model = randomize_adapter(get_matryoshka_model(BUILDERS["llama"](0), MatryoshkaConfig(**cfg, ranks_per_step=2))).train()
+    controller = model._mlora_controller
+    draws = [controller.step_ranks(step) for step in range(40)]
+    assert all(len(d) == 2 and d[-1] == 8 for d in draws)
+    assert {d[0] for d in draws} == {1, 2, 4}  # every other rank gets drawn
+    assert draws == [controller.step_ranks(step) for step in range(40)]  # a pure function of (seed, step)
+    # the step's loss is the mean of the two drawn ranks' losses, gradients included
+    loss = trainer_loss(model, batch, tmp_path)
+    loss.backward()
+    ref = build("multirank", [1, 2, 4, 8])
+    losses = []
+    for k in draws[0]:  # a fresh Trainer is at global step 0
+        with set_rank(ref, k):
+            losses.append(ref(**batch).loss)
+    mean = sum(losses) / 2
+    mean.backward()
+    torch.testing.assert_close(loss, mean, atol=1e-6, rtol=1e-6)
+    g, g_ref = grads(model), grads(ref)
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5)
+    # all of S is the exact objective
+    full = randomize_adapter(get_matryoshka_model(BUILDERS["llama"](0), MatryoshkaConfig(**cfg, ranks_per_step=4)))
+    assert full._mlora_controller.step_ranks(3) == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("extra,message", [({"method": "lora", "ranks_per_step": 2}, "method='multirank' only"),
+                                           ({"method": "multirank", "ranks_per_step": 5}, "from 1 to")])
+def test_ranks_per_step_is_validated(extra, message):
+    with pytest.raises(ValueError, match=message):
+        MatryoshkaConfig(r=8, ranks=[1, 2, 4, 8], **extra)

@@ -36,6 +36,12 @@ class MatryoshkaConfig:
         default=None,
         metadata={"help": "method=custom only: non-negative weight per rank, {rank: weight}; P = sum_q w_q s_q P_q."},
     )
+    ranks_per_step: int | None = field(
+        default=None,
+        metadata={"help": "multirank only: train this many ranks per step, the largest rank in S plus ones drawn at "
+                          "random from the rest (the same on every process); a step then costs ranks_per_step LoRA "
+                          "steps instead of |S|. Default: all of S (the exact objective)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed for the DyLoRA rank draws (one draw per optimizer step, same on every process)."})
     target_modules: list[str] | str = field(
         default="all-linear",
@@ -67,6 +73,13 @@ class MatryoshkaConfig:
             problems.append(str(e).split("\n", 1)[1])
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             problems.append(f"  - lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        if self.ranks_per_step is not None:
+            n = len(self.ranks) if isinstance(self.ranks, list) else None
+            if self.method != "multirank":
+                problems.append(f"  - ranks_per_step={self.ranks_per_step!r} is for method='multirank' only; "
+                                f"remove it or set method='multirank'.")
+            elif not isinstance(self.ranks_per_step, int) or not 1 <= self.ranks_per_step <= (n or 1):
+                problems.append(f"  - ranks_per_step={self.ranks_per_step!r} must be an integer from 1 to |S|={n}.")
         if not isinstance(self.seed, int):
             problems.append(f"  - seed={self.seed!r} must be an integer.")
         if problems:

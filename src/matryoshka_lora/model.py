@@ -104,6 +104,16 @@ class RankController:
         self.training_k = random.Random(f"{self.config.seed}:{step}").choice(self.config.ranks)
         return self.training_k
 
+    def step_ranks(self, step: int) -> list[int]:
+        """multirank: the ranks trained at optimizer step `step`: all of S, or with ranks_per_step = n
+        the largest rank plus n - 1 others drawn as a pure function of (seed, step)."""
+        c = self.config
+        n = c.ranks_per_step
+        if n is None or n >= len(c.ranks):
+            return list(c.ranks)
+        top, rest = max(c.ranks), [q for q in c.ranks if q != max(c.ranks)]
+        return sorted(random.Random(f"{c.seed}:multirank:{step}").sample(rest, n - 1) + [top])
+
     def __call__(self, name: str):
         """A forward hook for layer `name` that scales the bottleneck by P."""
 

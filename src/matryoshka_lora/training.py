@@ -4,7 +4,8 @@ We add one callback and override three Trainer methods (plus `_get_output_dir`, 
 at its staging directory), nothing else of its loop:
 - multirank: `compute_loss` stacks the batch |S| times and copy i runs at rank S_i (one masked
   bottleneck, `set_row_ranks`), so one forward/backward gives the exact mean of the |S| rank
-  losses, at |S| times the compute.
+  losses, at |S| times the compute. With `ranks_per_step = n` it stacks n copies: the largest
+  rank plus n - 1 drawn from the rest of S per step (a pure function of (seed, step)).
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
   under gradient accumulation). The draw is a pure function of (seed, global_step), so every
   data-parallel process and every resumed run draws the same rank.
@@ -163,7 +164,7 @@ class MatryoshkaTrainer(Trainer):
         controller = get_controller(model)
         if controller.config.method != "multirank" or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        ranks = controller.config.ranks
+        ranks = controller.step_ranks(self.state.global_step)
         stacked, rows = stack_for_ranks(inputs, ranks)
         if num_items_in_batch is not None:  # every copy has the same label tokens
             num_items_in_batch = num_items_in_batch * len(ranks)
