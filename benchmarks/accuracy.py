@@ -37,6 +37,8 @@ from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
 from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
 from matryoshka_lora.models import load_model  # noqa: E402
 from matryoshka_lora.report import plot  # noqa: E402
+from matryoshka_lora.saving import atomic_write_text  # noqa: E402
+from matryoshka_lora.training import latest_checkpoint  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16, 32]
 # lr multipliers per method relative to --base-lr, spaced for each method's effective step: the
@@ -112,7 +114,7 @@ class Study:
         if (out / "adapter" / "matryoshka_config.json").is_file():
             model = load_matryoshka_model(base, out / "adapter")
         else:
-            run = run.replace(resume=(out / "checkpoints").is_dir())
+            run = run.replace(resume=latest_checkpoint(out / "checkpoints") is not None)  # a killed run continues
             model = train(run, base, tok).model
         if fold:
             fold_p(model)
@@ -122,7 +124,7 @@ class Study:
         res["seconds"] = time.perf_counter() - start
         res["train_seconds"] = json.loads((out / "train_config.json").read_text()).get("seconds")
         self.base = model.unload()
-        cached.write_text(json.dumps(res, indent=1) + "\n")
+        atomic_write_text(cached, json.dumps(res, indent=1) + "\n")  # a kill never leaves a truncated cache
         print(f"[study] {task} {method}{'+fold' if fold else ''} lr={lr:.3g} seed={seed} steps={steps} {split}: "
               f"AURAC {_score(res):.1f} ({res['seconds']:.0f}s)", flush=True)
         return res
@@ -195,7 +197,7 @@ class Study:
         res = evaluate(run.replace(include_base=True, eval_ranks=[self.ranks[0]], num_eval=self.preset["test_eval"]),
                        None, "test", model=model, tokenizer=tok)
         self.base = model.unload()
-        out.write_text(json.dumps(res["base"]) + "\n")
+        atomic_write_text(out, json.dumps(res["base"]) + "\n")
         return res["base"]
 
 

@@ -111,7 +111,8 @@ class RankController:
         n = c.ranks_per_step
         if n is None or n >= len(c.ranks):
             return list(c.ranks)
-        top, rest = max(c.ranks), [q for q in c.ranks if q != max(c.ranks)]
+        top = max(c.ranks)
+        rest = [q for q in c.ranks if q != top]
         return sorted(random.Random(f"{c.seed}:multirank:{step}").sample(rest, n - 1) + [top])
 
     def __call__(self, name: str):

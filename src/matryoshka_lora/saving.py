@@ -168,13 +168,17 @@ def save_matryoshka(model: torch.nn.Module, directory: str | Path, state_dict: d
     return directory
 
 
+def config_record(config: MatryoshkaConfig) -> dict[str, str]:
+    """The safetensors metadata entry that records the rank schedule the weights were saved with."""
+    return {CONFIG_RECORD: json.dumps(config.to_dict(), sort_keys=True)}
+
+
 def record_config(directory: Path, config: MatryoshkaConfig) -> None:
-    """Re-write the adapter weights with the rank schedule in their safetensors metadata."""
+    """Re-write the adapter weights (as PEFT wrote them) with the rank schedule in their metadata."""
     path = Path(directory) / WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
-    metadata[CONFIG_RECORD] = json.dumps(config.to_dict(), sort_keys=True)
-    save_file(load_file(str(path)), str(path), metadata=metadata)
+    save_file(load_file(str(path)), str(path), metadata={**metadata, **config_record(config)})
 
 
 def _normalise_targets(t):
@@ -250,9 +254,8 @@ def fold_adapter(directory: str | Path, out_dir: str | Path, overwrite: bool = F
         for item in directory.iterdir():
             if item.is_file() and item.name not in (WEIGHTS_NAME, CONFIG_NAME):
                 shutil.copy2(item, tmp / item.name)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **config_record(folded)})
         folded.save(tmp)
-        record_config(tmp, folded)
     return Path(out_dir)
 
 
