@@ -41,10 +41,10 @@ def randomize_adapter(model, seed: int = 1, std: float = 0.1):
     return model
 
 
-def make_model(arch="llama", seed=0, **cfg):
+def make_model(arch="llama", seed=0, randomize=True, **cfg):
     cfg.setdefault("r", 8)
     model = get_matryoshka_model(BUILDERS[arch](seed), MatryoshkaConfig(**cfg))
-    return randomize_adapter(model).eval()
+    return (randomize_adapter(model) if randomize else model).eval()
 
 
 @pytest.fixture

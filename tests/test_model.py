@@ -229,3 +229,19 @@ def test_fold_p_runs_prefix_of_trained_product(arch, input_ids):
         fold_p(model)
     with pytest.raises(ValueError, match="no single P to fold"):
         fold_p(make_model(arch, r=8, method="dylora"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paper_init_bound_and_zero_b(arch):
+    r = 16
+    peft = make_model(arch, r=r, ranks=[1, 4, 16], init="peft", randomize=False)
+    paper = make_model(arch, r=r, ranks=[1, 4, 16], init="paper", randomize=False)
+    for (_, lp), (_, lq) in zip(lora_layers(peft), lora_layers(paper)):
+        (a_peft, b_peft), (a_paper, b_paper) = factors(lp), factors(lq)
+        m = a_peft.shape[1]
+        assert float(b_paper.abs().max()) == 0.0 and float(b_peft.abs().max()) == 0.0
+        # U(+-1/sqrt(R)) on (R, in): the bound is reached within a few percent, never exceeded
+        assert 0.9 / r ** 0.5 < float(a_paper.abs().max()) <= 1 / r ** 0.5
+        assert float(a_peft.abs().max()) <= 1 / m ** 0.5 < 0.9 / r ** 0.5
+    with pytest.raises(ValueError, match="Unknown init 'kaiming'. Available: peft, paper"):
+        MatryoshkaConfig(r=4, init="kaiming")

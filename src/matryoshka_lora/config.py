@@ -11,6 +11,7 @@ from typing import Any
 from .weighting import check_schedule, default_ranks
 
 CONFIG_NAME = "matryoshka_config.json"
+INITS = ("peft", "paper")
 
 
 @dataclass
@@ -47,6 +48,12 @@ class MatryoshkaConfig:
         default="all-linear",
         metadata={"help": "Modules to adapt, as in PEFT: 'all-linear', a list of names like ['q_proj','v_proj'], or a regex."},
     )
+    init: str = field(
+        default="peft",
+        metadata={"help": "Initialisation of lora_A (B starts at 0 either way): peft (U(+-1/sqrt(in)), PEFT's "
+                          "default) | paper (U(+-1/sqrt(R)), the official MatryoshkaLoRA code; its learning-rate "
+                          "grids assume this scale)."},
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, as in PEFT."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter, as in PEFT (e.g. ['lm_head'])."}
@@ -71,6 +78,8 @@ class MatryoshkaConfig:
                            k=self.ranks[0] if self.method == "dylora" and self.ranks else None)
         except ValueError as e:
             problems.append(str(e).split("\n", 1)[1])
+        if self.init not in INITS:
+            problems.append(f"  - Unknown init {self.init!r}. Available: {', '.join(INITS)}.")
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             problems.append(f"  - lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         if self.ranks_per_step is not None:

@@ -16,6 +16,7 @@ elementwise multiply per layer and no allocation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Mapping, Sequence
 
@@ -136,8 +137,23 @@ def get_matryoshka_model(model: torch.nn.Module, config: MatryoshkaConfig):
     """
     peft_model = peft_seam.wrap(model, peft_seam.lora_config(config.r, config.target_modules,
                                                               config.lora_dropout, config.modules_to_save))
+    if config.init == "paper":
+        init_paper(peft_model, config.r)
     attach(peft_model, config)
     return peft_model
+
+
+@torch.no_grad()
+def init_paper(model: torch.nn.Module, r: int) -> None:
+    """The official code's init: kaiming_uniform_(a=sqrt(5)) on an (in, R) tensor, i.e. A ~ U(+-1/sqrt(R)).
+
+    PEFT runs the same call on its (R, in) layout, which gives U(+-1/sqrt(in)); we redraw A in
+    place with the official bound (B stays 0, so the adapter still starts as the base model).
+    """
+    bound = 1.0 / math.sqrt(r)
+    for _, layer in peft_seam.lora_layers(model):
+        A, _ = peft_seam.factors(layer)  # (R, m)
+        A.uniform_(-bound, bound)
 
 
 def attach(peft_model: torch.nn.Module, config: MatryoshkaConfig) -> RankController:
