@@ -12,6 +12,7 @@ from .model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_
 from .prompts import build_prompt, encode_examples, encode_for_training, make_collator, stop_strings
 from .recommend import recommend_rank
 from .saving import fold_adapter, load_matryoshka_model, save_matryoshka
+from .svd import svd_adapter, svd_order
 from .weighting import default_ranks, prefix_weights, rank_scale, rank_weights
 
 __version__ = "0.1.0"
@@ -59,5 +60,7 @@ __all__ = [
     "set_rank",
     "set_row_ranks",
     "stop_strings",
+    "svd_adapter",
+    "svd_order",
     "unmerge",
 ]

@@ -196,6 +196,22 @@ def _fold_args(p):
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
 
 
+def _svd(args):
+    from .svd import svd_adapter
+
+    out, notes = svd_adapter(args.src, args.out, overwrite=args.overwrite)
+    for note in notes:
+        print("note:", note)
+    print("wrote", out)
+
+
+def _svd_args(p):
+    p.add_argument("src", help="A nested adapter directory, or any plain PEFT LoRA adapter (adapter_config.json + "
+                               "adapter_model.safetensors).")
+    p.add_argument("--out", required=True, help="Directory for the SVD-ordered nested adapter.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+
+
 def _recommend(args):
     from .recommend import recommend_rank
 
@@ -275,6 +291,9 @@ COMMANDS = {  # name -> (library call, help, functions adding its flags)
     "merge": (_merge, "Merge the rank-k prefix into the base model and save a full safetensors model.", [_merge_args]),
     "fold": (_fold, "Write a copy of an adapter with its training P folded into lora_A: rank k then runs the "
                     "prefix of A diag(P) B (eval, export and merge of the copy all use it).", [_fold_args]),
+    "svd": (_svd, "Re-factor any LoRA adapter (nested or plain PEFT) by SVD so that every rank prefix is the best "
+                  "low-rank cut of its delta; the result works with every mlora command (no base model needed).",
+            [_svd_args]),
     "allocate": (_allocate, "Choose a rank per layer under a parameter budget, from one nested adapter (no retraining).",
                  [add_run_options, _allocate_options]),
     "recommend": (_recommend, "Print the smallest rank within --tolerance points of the best, and the rank table.",

@@ -65,6 +65,12 @@ class MatryoshkaConfig:
                           "A_k diag(P_k) B_k, the prefix of the trained A diag(P) B, in set_rank, export and merge."},
     )
 
+    svd_from: str | None = field(
+        default=None,
+        metadata={"help": "Set by svd_order()/svd_adapter(): the adapter whose full-rank delta was re-factored by SVD "
+                          "(its method, or 'peft-lora'); rank k is then the best rank-k approximation of that delta."},
+    )
+
     def __post_init__(self):
         if self.ranks is None and isinstance(self.r, int) and self.r >= 1:
             self.ranks = default_ranks(self.r)

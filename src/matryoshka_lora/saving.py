@@ -198,6 +198,9 @@ def check_adapter_dir(directory: str | Path) -> MatryoshkaConfig:
     for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME):
         if not (directory / name).is_file():
             hint = " (pickled .bin adapters are not loaded; re-save with safetensors)" if name == WEIGHTS_NAME else ""
+            if name == CONFIG_NAME:
+                hint = (f": {directory} looks like a plain PEFT LoRA adapter. Make it nested (every rank prefix "
+                        f"usable) with `mlora svd {directory} --out NEW_DIR` (svd_adapter() in Python), then use NEW_DIR")
             raise FileNotFoundError(f"{directory / name} is missing{hint}.")
     config = MatryoshkaConfig.load(directory)
     try:
