@@ -346,3 +346,24 @@ def test_trust_remote_code_is_off_unless_asked():
     assert run_config(build_parser().parse_args(["train", "--trust-remote-code"])).model.trust_remote_code is True
     for path in (ROOT / "src" / "matryoshka_lora").rglob("*.py"):
         assert not re.search(r"trust_remote_code\s*=\s*True", path.read_text()), path
+
+
+# -- stop early, snapshots -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["dylora", "matryoshka"])
+def test_stop_after_then_resume_equals_whole_run_and_snapshots_match(tiny_model_dir, tmp_path, method):
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    snap = ["--snapshot-steps", "3,6"]
+    assert main(["train", *args(tiny_model_dir, stopped, method=method, save_steps=0), "--stop-after-steps", "3",
+                 *snap]) == 0
+    assert json.loads((stopped / "train_config.json").read_text())["global_step"] == 3
+    assert latest_checkpoint(stopped / "checkpoints").name == "checkpoint-3"
+    # the stopped run kept the schedule of 8 steps: its learning rate at step 3 is that of the whole run
+    assert main(["train", *args(tiny_model_dir, stopped, method=method, save_steps=0), "--resume", *snap]) == 0
+    assert main(["train", *args(tiny_model_dir, whole, method=method, save_steps=0), *snap]) == 0
+    assert adapter_diff(stopped / "adapter", whole / "adapter") < 1e-6
+    for step in (3, 6):
+        assert adapter_diff(stopped / "snapshots" / f"step-{step}", whole / "snapshots" / f"step-{step}") < 1e-6
+    assert adapter_diff(whole / "snapshots" / "step-3", whole / "snapshots" / "step-6") > 1e-4
+    curves = [[c["learning_rate"] for c in json.loads((d / "loss_curve.json").read_text())] for d in (stopped, whole)]
+    assert curves[0] == pytest.approx(curves[1])

@@ -68,6 +68,14 @@ class TrainConfig:
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only the final adapter). "
                                                           "A checkpoint holds the adapter, optimizer, scheduler, RNG states and DyLoRA draws."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints to keep."})
+    snapshot_steps: list[int] | None = field(
+        default=None,
+        metadata={"help": "Also save the adapter alone (no optimizer state) after these optimizer steps, to "
+                          "<output_dir>/snapshots/step-N, to score the run along the way (e.g. [75, 150, 300])."})
+    stop_after_steps: int = field(
+        default=0,
+        metadata={"help": "Stop after this many optimizer steps but keep the learning-rate schedule of max_steps, "
+                          "writing a checkpoint there; continue later with --resume (0: run to the end)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest complete checkpoint in output_dir (same options as the run it continues)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
@@ -80,8 +88,10 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1.")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.save_steps < 0:
-            problems.append("warmup_steps, weight_decay and save_steps must be >= 0.")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.save_steps < 0 or self.stop_after_steps < 0:
+            problems.append("warmup_steps, weight_decay, save_steps and stop_after_steps must be >= 0.")
+        if self.snapshot_steps is not None and not all(isinstance(n, int) and n > 0 for n in self.snapshot_steps):
+            problems.append(f"snapshot_steps={self.snapshot_steps!r} must be positive step numbers, e.g. [75, 150].")
         if problems:
             raise ValueError("Invalid TrainConfig:\n  - " + "\n  - ".join(problems))
 
@@ -119,10 +129,19 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class MatryoshkaCallback(TrainerCallback):
-    """DyLoRA: one rank draw per optimizer step, recorded for logs, checkpoints and tests."""
+    """DyLoRA: one rank draw per optimizer step, recorded for logs, checkpoints and tests; adapter
+    snapshots along the way and an early stop that keeps the schedule (`TrainConfig`)."""
 
-    def __init__(self):
+    def __init__(self, snapshot_dir: Path | None = None, snapshot_steps=(), stop_after: int = 0):
         self.draws: list[tuple[int, int]] = []  # (global_step, k)
+        self.snapshot_dir, self.snapshot_steps, self.stop_after = snapshot_dir, set(snapshot_steps or ()), stop_after
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.snapshot_steps and state.is_world_process_zero:
+            save_matryoshka(model, self.snapshot_dir / f"step-{state.global_step}")
+        if self.stop_after and state.global_step >= self.stop_after:
+            control.should_save = True  # a checkpoint to resume from, with the schedule of max_steps
+            control.should_training_stop = True
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         k = draw_rank(model, state.global_step)
@@ -289,7 +308,7 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
     peft_model = get_matryoshka_model(model, adapter)
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
-    callback = MatryoshkaCallback()
+    callback = MatryoshkaCallback(out / "snapshots", config.snapshot_steps, config.stop_after_steps)
     trainer = MatryoshkaTrainer(
         model=peft_model,
         args=args,
@@ -343,6 +362,7 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
             [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")} for h in history if "loss" in h],
             indent=1) + "\n")
         meta = {"train": dataclasses.asdict(config), "adapter": adapter.to_dict(), "seconds": seconds,
+                "global_step": trainer.state.global_step,
                 "world_size": trainer.args.world_size, "resumed_from": str(resume) if resume else None,
                 "dylora_draws": callback.draws, "dylora_draws_per_process": per_process, **(extra_metadata or {})}
         atomic_write_text(out / "train_config.json", json.dumps(meta, indent=2, default=str) + "\n")

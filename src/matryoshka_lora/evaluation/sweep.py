@@ -16,8 +16,9 @@ from ..model import get_controller, set_rank
 from ..prompts import build_prompt, encode_for_training, encode_prompt, stop_strings
 from .generation import generate, score_generations
 from .likelihood import completion_loss, multiple_choice
+from .match import completion_match
 
-METRICS = ("generate", "loss", "mc")
+METRICS = ("generate", "match", "loss", "mc")
 
 
 @dataclass
@@ -26,7 +27,9 @@ class EvalConfig:
 
     eval_ranks: list[int] | None = field(default=None, metadata={"help": "Ranks to evaluate (default: the adapter's rank set). Rank 0 (base) is added."})
     metrics: list[str] = field(default_factory=lambda: ["generate", "loss"],
-                               metadata={"help": "generate (exact match) | loss (held-out NLL) | mc (multiple choice log-likelihood)."})
+                               metadata={"help": "generate (exact match) | match (teacher-forced: greedy decoding would reproduce the "
+                                                 "whole completion; all ranks in one pass) | loss (held-out NLL) | "
+                                                 "mc (multiple choice log-likelihood)."})
     num_fewshot: int = field(default=0, metadata={"help": "Few-shot examples from the train split in each generation prompt."})
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per batch when evaluating."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length cap."})
@@ -43,6 +46,8 @@ class EvalConfig:
 def headline_metric(metrics: Sequence[str]) -> str:
     if "generate" in metrics:
         return "exact_match_strict"
+    if "match" in metrics:
+        return "match"
     if "mc" in metrics:
         return "acc"
     return "loss"
@@ -52,7 +57,7 @@ class _Prepared:
     """Everything tokenized once for the whole sweep."""
 
     def __init__(self, tokenizer, examples, fewshot, config: EvalConfig, chat_template: bool, max_length: int):
-        self.gen = self.loss = self.mc = None
+        self.gen = self.loss = self.mc = self.match = None
         if "generate" in config.metrics:
             usable = [e for e in examples if e.answer is not None]
             if not usable:
@@ -60,8 +65,11 @@ class _Prepared:
                                  "use --metrics loss for free-form completions.")
             prompts = [build_prompt(tokenizer, e, fewshot, chat_template) for e in usable]
             self.gen = ([encode_prompt(tokenizer, p) for p in prompts], [e.answer for e in usable])
-        if "loss" in config.metrics:
-            self.loss = [encode_for_training(tokenizer, e, chat_template=chat_template, max_length=max_length) for e in examples]
+        if "loss" in config.metrics or "match" in config.metrics:
+            encoded = [encode_for_training(tokenizer, e, chat_template=chat_template, max_length=max_length)
+                       for e in examples]
+            self.loss = encoded if "loss" in config.metrics else None
+            self.match = encoded if "match" in config.metrics else None
         if "mc" in config.metrics:
             usable = [e for e in examples if getattr(e, "choices", None)]
             if not usable:
@@ -97,7 +105,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
         fewshot: Examples shown before each prompt.
         chat_template: Format prompts with the tokenizer's chat template when it has one.
         max_length: Token cap for the loss metric's encodings.
-        keep_items: Keep per-item generations under "items".
+        keep_items: Keep per-item generations under "items" (and per-example match flags under "match_hits").
 
     Returns:
         {"metric", "ranks", "base", "per_rank": {k: {metric: value}}, "timings", ["items"]}.
@@ -107,8 +115,17 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
     prep = _Prepared(tokenizer, examples, fewshot, config, chat_template, max_length)
     stop = stop_strings(chat_template, tokenizer)
     todo = ([0] if config.include_base else []) + ranks
-    per_rank, timings, items = {}, {}, {}
+    per_rank, timings, items, match_hits, match_seconds = {k: {} for k in todo}, {}, {}, {}, None
     model.eval()
+    if prep.match is not None:  # every rank in one stacked pass
+        start = time.perf_counter()
+        with tqdm(total=len(prep.match) * len(todo), desc="eval (match rows)") as bar:
+            hits = completion_match(model, prep.match, todo, config.eval_batch_size, bar)
+        for k in todo:
+            per_rank[k]["match"] = 100.0 * sum(hits[k]) / max(len(hits[k]), 1)
+            if keep_items:
+                match_hits[str(k)] = hits[k]
+        match_seconds = time.perf_counter() - start
     n_gen = len(prep.gen[0]) if prep.gen else 0
     with tqdm(total=n_gen * len(todo), desc="eval (generation rows)", disable=n_gen == 0) as bar:
         for k in todo:
@@ -120,14 +137,17 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
             item_list = scores.pop("_items", None)
             if keep_items and item_list is not None:
                 items[str(k)] = item_list
-            per_rank[k] = scores
+            per_rank[k].update(scores)
     result = {
         "metric": headline_metric(config.metrics),
         "ranks": ranks,
         "base": per_rank.pop(0) if config.include_base else None,
         "per_rank": per_rank,
-        "timings": {"seconds_per_rank": timings, "n_examples": len(examples)},
+        "timings": {"seconds_per_rank": timings, "n_examples": len(examples),
+                    **({"match_seconds_all_ranks": match_seconds} if match_seconds is not None else {})},
     }
     if keep_items:
         result["items"] = items
+        if match_hits:
+            result["match_hits"] = match_hits
     return result

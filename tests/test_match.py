@@ -1,0 +1,61 @@
+"""Teacher-forced completion match equals greedy generation exact match, row for row, at every rank."""
+
+import pytest
+import torch
+
+from matryoshka_lora import set_rank
+from matryoshka_lora.evaluation.match import completion_match
+from matryoshka_lora.evaluation.sweep import EvalConfig, evaluate_ranks
+from conftest import VOCAB, make_model
+
+RANKS = [0, 1, 2, 4, 8]
+
+
+def greedy(model, prompt, n):
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    return out[0, len(prompt):].tolist()
+
+
+def example(prompt, completion):
+    return {"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion}
+
+
+def test_match_equals_greedy_generation_row_for_row():
+    model = make_model("llama", r=8, ranks=[1, 2, 4, 8], method="matryoshka")
+    g = torch.Generator().manual_seed(5)
+    encoded = []
+    for i in range(12):  # prompts of several lengths, golds taken from greedy output at one rank
+        prompt = torch.randint(1, VOCAB, (3 + i % 5,), generator=g).tolist()
+        with set_rank(model, RANKS[i % len(RANKS)]):
+            gold = greedy(model, prompt, 4 + i % 3)
+        if i % 4 == 3:  # a wrong last token: never reproduced at the rank it came from
+            gold[-1] = (gold[-1] + 1) % VOCAB
+        encoded.append(example(prompt, gold))
+    hits = completion_match(model, encoded, RANKS, batch_size=7)
+    expected = {}
+    for k in RANKS:
+        with set_rank(model, k):
+            expected[k] = [greedy(model, e["input_ids"][:e["labels"].count(-100)], len(e["input_ids"]) -
+                                  e["labels"].count(-100)) == e["input_ids"][e["labels"].count(-100):] for e in encoded]
+    assert hits == expected
+    assert 0 < sum(map(sum, hits.values())) < len(encoded) * len(RANKS)  # both outcomes occur
+    assert model._mlora_controller.mode is None  # the training mode is restored
+
+
+def test_sweep_match_metric_is_the_headline_and_one_pass(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
+    from matryoshka_lora.data import Example
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_matryoshka_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), MatryoshkaConfig(r=4))
+    examples = [Example(prompt=f"Question: {a}+1?\nAnswer:", completion=f" {a + 1}\n#### {a + 1}", answer=str(a + 1))
+                for a in range(5)]
+    res = evaluate_ranks(model, tok, examples, EvalConfig(metrics=["match", "loss"]), chat_template=False, keep_items=True)
+    assert res["metric"] == "match" and set(res["per_rank"]) == {1, 2, 4}
+    for k, scores in res["per_rank"].items():
+        assert scores["match"] == pytest.approx(100.0 * sum(res["match_hits"][str(k)]) / 5)
+        assert "loss" in scores
+    assert "match_seconds_all_ranks" in res["timings"] and "match" in res["base"]
