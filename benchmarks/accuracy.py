@@ -252,14 +252,21 @@ def write(results, stem: Path, started: float) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    ap.add_argument("--preset", choices=[*PRESETS, "v2"], default="cpu",
+                    help="v2: the decisive study (benchmarks/study.py; its own flags, e.g. --max-minutes).")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=RANKS)
     ap.add_argument("--base-lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=None, help="Override the preset's optimizer steps.")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if args.preset == "v2":
+        import study as v2  # benchmarks/study.py
+
+        return v2.main(["--preset", "v2", *(["--model", args.model] if args.model != "smollm2-135m" else []), *rest])
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     study = Study(args)
     started = time.perf_counter()
     results = {"command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),

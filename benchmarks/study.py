@@ -1,0 +1,385 @@
+"""Study v2: which training method and deployment rule make every rank usable.
+
+Run (resumable; `--max-minutes N` works a chunk and stops cleanly between units):
+
+    .venv/bin/python benchmarks/accuracy.py --preset v2 --max-minutes 170
+
+Protocol (preset "v2"): SmolLM2-135M-Instruct, R = 32, S = {1, 2, 4, 8, 16, 32}, all-linear, no
+chat template, batch 16, linear schedule to `steps` (600) with no warm-up, adapter snapshots at
+75, 150, 300, 600. Every run is trained in segments that end at a snapshot (stop + exact
+resume), so an interruption costs at most one segment.
+- Learning rate: each method's grid (4 rates, spaced for its effective step; a grid whose best
+  rate is at an edge is extended by one point, twice at most) is run with seed 42 to step 150 of
+  the 600-step schedule and scored on validation (teacher-forced completion match, all ranks in
+  one pass); the rate with the best validation AURAC (best deployment rule of the method) wins.
+  The second task reuses the first task's rates.
+- Final runs: the picked rate with seeds 42 (the grid run, continued), 666 and 2408. Snapshots
+  75/150/300 are scored on validation (where each method plateaus), the last one on test.
+- Deployment rules, applied to the same trained adapters: `paper` (rank k runs s_k A_k B_k),
+  `fold` (the prefix of A diag(P) B) and `svd` (SVD order of the deployed product; for a fixed P
+  this is fold + SVD).
+- Equal compute: multirank trains |S| = 6 rank losses per step, so "multirank@compute" runs 1/6
+  of the steps (snapshots and grid step scaled alike).
+- Final tables: greedy generation strict-match on the test split, a last phase per run once all
+  the match results exist.
+
+Results: one small JSON per (task, method, lr, seed, steps, split, metric) under
+benchmarks/results/study/, written when that unit finishes (commit them as they come; adapters
+stay under --out), and summary.json / summary.md / plots rebuilt from them after every unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from matryoshka_lora import fold_p, load_matryoshka_model, svd_order  # noqa: E402
+from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
+from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
+from matryoshka_lora.models import load_model  # noqa: E402
+from matryoshka_lora.report import new_plot, save_log2_plot  # noqa: E402
+from matryoshka_lora.saving import atomic_write_text  # noqa: E402
+from matryoshka_lora.training import latest_checkpoint  # noqa: E402
+
+RANKS = [1, 2, 4, 8, 16, 32]
+# name -> adapter options, lr grid, compute per step (in LoRA steps), deployment rules.
+METHODS = {
+    "lora": ({"method": "lora"}, [1e-4, 3e-4, 1e-3, 3e-3], 1, ["paper", "svd"]),
+    "dylora": ({"method": "dylora"}, [1e-4, 3e-4, 1e-3, 3e-3], 1, ["paper", "svd"]),
+    # the paper's P has P_1 = |S| = 6 and mean ~2: its grid sits ~3x lower
+    "matryoshka": ({"method": "matryoshka"}, [3e-5, 1e-4, 3e-4, 1e-3], 1, ["paper", "fold", "svd"]),
+    # init "paper" draws A ~4x larger (U(1/sqrt(R)) against U(1/sqrt(576))): another ~3x lower
+    "matryoshka_pinit": ({"method": "matryoshka", "init": "paper"}, [1e-5, 3e-5, 1e-4, 3e-4], 1,
+                         ["paper", "fold", "svd"]),
+    # the mean of 6 rank losses gives each rank ~1/6 of the gradient: its grid sits ~3x higher
+    "multirank@compute": ({"method": "multirank"}, [3e-4, 1e-3, 3e-3, 1e-2], 6, ["paper", "svd"]),
+}
+PRESETS = {
+    "v2": dict(model="smollm2-135m", tasks=["arith", "wordops"], methods=list(METHODS),
+               task_methods={"wordops": ["lora", "dylora", "matryoshka", "multirank@compute"]},
+               steps=600, snapshots=[75, 150, 300, 600], grid_at=150, batch_size=16, n_val=200, n_test=400,
+               seeds=[42, 666, 2408], grid_seed=42, max_new_tokens=64, eval_batch_size=64, extend=2),
+    # the default-suite test: a tiny model, a few steps, two seeds
+    "tiny": dict(model=None, tasks=["arith"], methods=["lora", "matryoshka"], task_methods={}, steps=4,
+                 snapshots=[2, 4], grid_at=2, batch_size=4, n_val=4, n_test=6, seeds=[42, 666], grid_seed=42,
+                 max_new_tokens=12, eval_batch_size=16, extend=0, grid={"lora": [1e-3, 3e-3], "matryoshka": [1e-3, 3e-3]}),
+}
+RULE_NAMES = {"paper": "", "fold": "+fold", "svd": "+svd"}
+
+
+def variant(method: str, rule: str) -> str:
+    """Table name of a method under a deployment rule, e.g. lora+svd, matryoshka+fold+svd."""
+    if rule == "svd" and "fold" in METHODS[method][3]:
+        return f"{method}+fold+svd"
+    return method + RULE_NAMES[rule]
+
+
+def _mean_std(xs):
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+
+class Study:
+    def __init__(self, preset: dict, out: Path, results: Path, model: str | None, max_minutes: float | None):
+        self.p, self.out, self.results = preset, out, results
+        self.model_name = model or preset["model"]
+        self.deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
+        self.base = self.tok = None
+
+    # -- units of work ------------------------------------------------------------------------
+    def scaled(self, method: str, step: int) -> int:
+        return max(1, step // METHODS[method][2])
+
+    def run_dir(self, task, method, lr, seed) -> Path:
+        return self.out / task / method / f"lr{lr:g}" / f"seed{seed}"
+
+    def result_path(self, task, method, lr, seed, steps, split, metric) -> Path:
+        return self.results / task / method / f"lr{lr:g}" / f"seed{seed}" / f"step{steps}-{split}-{metric}.json"
+
+    def run_config(self, task, method, lr, seed, until: int) -> RunConfig:
+        overrides, _, _, _ = METHODS[method]
+        steps = self.scaled(method, self.p["steps"])
+        p = self.p
+        return RunConfig.from_flat(dict(
+            model=self.model_name, dataset=task, r=max(RANKS), ranks=RANKS, chat_template=False, arith_max_digits=2,
+            max_steps=steps, batch_size=p["batch_size"], num_train=steps * p["batch_size"], learning_rate=lr,
+            warmup_steps=0, seed=seed, data_seed=0, num_eval=p["n_test"], validation_size=p["n_val"],
+            eval_batch_size=p["eval_batch_size"], max_new_tokens=p["max_new_tokens"], metrics=["match"],
+            output_dir=str(self.run_dir(task, method, lr, seed)), disable_tqdm=True, logging_steps=25,
+            save_steps=0, save_total_limit=1, snapshot_steps=[self.scaled(method, s) for s in p["snapshots"]],
+            stop_after_steps=until if until < steps else 0, max_length=1024, **overrides))
+
+    def model(self):
+        if self.base is None:
+            self.base, self.tok = load_model(self.model_name, dtype="float32")
+        return self.base, self.tok
+
+    def trained_to(self, task, method, lr, seed) -> int:
+        meta = self.run_dir(task, method, lr, seed) / "train_config.json"
+        return json.loads(meta.read_text()).get("global_step", 0) if meta.is_file() else 0
+
+    def train_to(self, task, method, lr, seed, step: int) -> None:
+        """Train (or continue) one run up to `step` (a scaled snapshot step), one segment at a time."""
+        for target in [self.scaled(method, s) for s in self.p["snapshots"]]:
+            if target > step:
+                break
+            if self.trained_to(task, method, lr, seed) >= target:
+                continue
+            self.check_time()
+            run_dir = self.run_dir(task, method, lr, seed)
+            run = self.run_config(task, method, lr, seed, target)
+            run = run.replace(resume=latest_checkpoint(run_dir / "checkpoints") is not None)
+            base, tok = self.model()
+            start = time.perf_counter()
+            model = train(run, base, tok).model
+            self.base = model.unload()
+            print(f"[study] trained {task} {method} lr={lr:g} seed={seed} to step {target} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            if target == self.scaled(method, self.p["steps"]):
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: only snapshots are needed
+
+    def score(self, task, method, lr, seed, step, split, metric="match") -> dict:
+        """Score snapshot `step` (unscaled) of one run under every rule of its method; cached as JSON."""
+        s = self.scaled(method, step)
+        path = self.result_path(task, method, lr, seed, s, split, metric)
+        if path.is_file():
+            return json.loads(path.read_text())
+        self.train_to(task, method, lr, seed, s)
+        self.check_time()
+        run_dir = self.run_dir(task, method, lr, seed)
+        run = self.run_config(task, method, lr, seed, s).replace(
+            metrics=[{"match": "match", "strict": "generate"}[metric]])
+        out = {"task": task, "method": method, "lr": lr, "seed": seed, "steps": s, "split": split, "metric": metric,
+               "compute_per_step": METHODS[method][2], "rules": {}}
+        start = time.perf_counter()
+        base_score = None
+        for rule in METHODS[method][3]:
+            base, tok = self.model()
+            model = load_matryoshka_model(base, run_dir / "snapshots" / f"step-{s}")
+            if rule == "fold":
+                fold_p(model)
+            elif rule == "svd":
+                svd_order(model)
+            res = evaluate(run.replace(include_base=base_score is None), None, split, model=model, tokenizer=tok)
+            self.base = model.unload()
+            key = res["metric"]
+            base_score = res["base"][key] if base_score is None else base_score  # rank 0: the same for every rule
+            entry = next(iter(res["methods"].values()))
+            per_rank = {str(k): v[key] for k, v in entry["per_rank"].items()}
+            accs = [per_rank[str(k)] for k in RANKS]
+            out["rules"][variant(method, rule)] = {"per_rank": per_rank, "base": base_score,
+                                                   "aurac": aurac(RANKS, accs), "log_aurac": log_aurac(RANKS, accs)}
+            out["n"] = entry["timings"]["n_examples"]
+        out["eval_seconds"] = time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+        best = max(out["rules"].items(), key=lambda kv: kv[1]["aurac"])
+        print(f"[study] {task} {method} lr={lr:g} seed={seed} step {s} {split} {metric}: best {best[0]} AURAC "
+              f"{best[1]['aurac']:.1f} ({out['eval_seconds']:.0f} s)", flush=True)
+        write_summary(self.results, self.p)
+        return out
+
+    def check_time(self):
+        if time.monotonic() > self.deadline:
+            raise TimeUp
+
+    # -- the protocol -------------------------------------------------------------------------
+    def grid(self, method) -> list[float]:
+        return list(self.p.get("grid", {}).get(method) or METHODS[method][1])
+
+    def pick(self, task, method) -> float:
+        """Best validation AURAC (over the method's rules) at the grid step, seed 42; extends an edge."""
+        grid = self.grid(method)
+        for _ in range(self.p["extend"] + 1):
+            scores = {lr: max(r["aurac"] for r in self.score(task, method, lr, self.p["grid_seed"], self.p["grid_at"],
+                                                             "validation")["rules"].values()) for lr in grid}
+            best = max(grid, key=lambda lr: scores[lr])
+            if len(grid) < 2 or best not in (grid[0], grid[-1]) or len(grid) >= len(self.grid(method)) + self.p["extend"]:
+                return best
+            factor = grid[1] / grid[0]
+            grid = [grid[0] / factor] + grid if best == grid[0] else grid + [grid[-1] * factor]
+        return best
+
+    def plan(self):
+        """Units in priority order: grids, then seed after seed of the final runs, task after task."""
+        first = self.p["tasks"][0]
+        picked = {}
+        for task in self.p["tasks"]:
+            methods = self.p["task_methods"].get(task, self.p["methods"])
+            for method in methods:
+                if method not in picked:
+                    picked[method] = self.pick(first if method in self.p["task_methods"].get(first, self.p["methods"])
+                                               else task, method)
+            for seed in self.p["seeds"]:
+                for method in methods:
+                    lr = picked[method]
+                    self.score(task, method, lr, seed, self.p["steps"], "test")
+                    for step in self.p["snapshots"][:-1]:
+                        self.score(task, method, lr, seed, step, "validation")
+        for task in self.p["tasks"]:  # the final tables: generation strict-match on test
+            for seed in self.p["seeds"]:
+                for method in self.p["task_methods"].get(task, self.p["methods"]):
+                    self.score(task, method, picked[method], seed, self.p["steps"], "test", "strict")
+
+
+class TimeUp(Exception):
+    """--max-minutes ran out; the study stops between units."""
+
+
+# -- summary ----------------------------------------------------------------------------------
+
+def collect(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*/*/lr*/seed*/step*.json"))]
+
+
+def summarize(rows: list[dict], preset: dict) -> dict:
+    """summary.json: per task, per variant at the final step on test (mean/std over seeds), plateau
+    curves on validation, and paired differences of the best variant against lora and dylora."""
+    out = {"protocol": {k: v for k, v in preset.items() if k != "grid"}, "ranks": RANKS, "tasks": {}}
+    for task in preset["tasks"]:
+        t_rows = [r for r in rows if r["task"] == task]
+        final = {}
+        for metric in ("strict", "match"):
+            tests = [r for r in t_rows if r["split"] == "test" and r["metric"] == metric]
+            for r in tests:
+                for name, v in r["rules"].items():
+                    final.setdefault(metric, {}).setdefault(name, []).append((r, v))
+        metric = "strict" if final.get("strict") and all(
+            len(final["strict"].get(n, [])) == len(final["match"][n]) for n in final.get("match", {})) else "match"
+        methods = {}
+        for name, runs in sorted((final.get(metric) or {}).items()):
+            runs.sort(key=lambda rv: rv[0]["seed"])
+            methods[name] = {
+                "seeds": [r["seed"] for r, _ in runs], "steps": runs[0][0]["steps"], "lr": runs[0][0]["lr"],
+                "compute_per_step": runs[0][0]["compute_per_step"],
+                "per_rank": {str(k): _mean_std([v["per_rank"][str(k)] for _, v in runs]) for k in RANKS},
+                "aurac": _mean_std([v["aurac"] for _, v in runs]),
+                "log_aurac": _mean_std([v["log_aurac"] for _, v in runs]),
+                "base": runs[0][1]["base"],
+            }
+        n_test = next((r["n"] for r in t_rows if r["split"] == "test"), 0)
+        task_out = {"n_test": n_test, "metric": {"strict": "exact_match_strict", "match": "match"}[metric],
+                    "methods": methods, "plateau": plateau(t_rows), "grid": grid_table(t_rows, preset)}
+        full = [n for n, m in methods.items() if len(m["seeds"]) == len(preset["seeds"])]
+        if full:
+            best = max(full, key=lambda n: methods[n]["aurac"]["mean"] + methods[n]["log_aurac"]["mean"])
+            task_out["best"] = {"name": best, "paired": {ref: paired((final.get(metric) or {}), best, ref)
+                                                         for ref in ("lora", "dylora") if ref in methods}}
+        out["tasks"][task] = task_out
+    return out
+
+
+def paired(final: dict, a: str, b: str) -> dict:
+    """Mean and std over seeds of (a - b), AURAC and log-AURAC, on the seeds both have."""
+    by_seed = {name: {r["seed"]: v for r, v in final[name]} for name in (a, b)}
+    seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+    return {"seeds": seeds, **{m: _mean_std([by_seed[a][s][m] - by_seed[b][s][m] for s in seeds]) if seeds else None
+                               for m in ("aurac", "log_aurac")}}
+
+
+def plateau(rows: list[dict]) -> dict:
+    """Validation match AURAC at each snapshot of the final runs, mean over the seeds scored."""
+    curves: dict = {}
+    for r in rows:
+        if r["split"] == "validation" and r["metric"] == "match":
+            for name, v in r["rules"].items():
+                curves.setdefault(name, {}).setdefault((r["lr"], r["steps"]), []).append(v["aurac"])
+    out = {}
+    for name, points in curves.items():
+        out[name] = {f"lr{lr:g}@{steps}": statistics.fmean(v) for (lr, steps), v in sorted(points.items())}
+    return out
+
+
+def grid_table(rows: list[dict], preset: dict) -> dict:
+    """Validation AURAC of every grid rate at the grid step (seed 42), per variant."""
+    out: dict = {}
+    for r in rows:
+        at = max(1, preset["grid_at"] // r["compute_per_step"])
+        if r["split"] == "validation" and r["seed"] == preset["grid_seed"] and r["steps"] == at:
+            for name, v in r["rules"].items():
+                out.setdefault(name, {})[f"{r['lr']:g}"] = v["aurac"]
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for task, t in summary["tasks"].items():
+        lines += [f"### {task}: test split, {t['n_test']} problems, {t['metric']} (%), mean ± std over seeds", "",
+                  "| method | lr | steps | seeds | " + " | ".join(f"r={k}" for k in summary["ranks"])
+                  + " | AURAC | log-AURAC |", "|" + "---|" * (len(summary["ranks"]) + 6)]
+        for name, m in sorted(t["methods"].items(), key=lambda kv: -kv[1]["aurac"]["mean"]):
+            cells = [f"{m['per_rank'][str(k)]['mean']:.1f} ± {m['per_rank'][str(k)]['std']:.1f}" for k in summary["ranks"]]
+            lines.append(f"| {name} | {m['lr']:g} | {m['steps']} | {len(m['seeds'])} | " + " | ".join(cells)
+                         + f" | {m['aurac']['mean']:.1f} ± {m['aurac']['std']:.1f} | "
+                           f"{m['log_aurac']['mean']:.1f} ± {m['log_aurac']['std']:.1f} |")
+        if t.get("best"):
+            b = t["best"]
+            diffs = "; ".join(f"vs {ref}: AURAC {d['aurac']['mean']:+.1f} ± {d['aurac']['std']:.1f}, log-AURAC "
+                              f"{d['log_aurac']['mean']:+.1f} ± {d['log_aurac']['std']:.1f} (seeds {d['seeds']})"
+                              for ref, d in b["paired"].items() if d.get("aurac"))
+            lines += ["", f"Best (AURAC + log-AURAC, all seeds): **{b['name']}**. Paired differences: {diffs or 'n/a'}."]
+        lines += ["", f"Validation match AURAC along the runs ({task}; lr@step, mean over seeds scored):", ""]
+        for name, points in sorted(t["plateau"].items()):
+            lines.append(f"- {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in points.items()))
+        lines += ["", f"Learning-rate grid ({task}, seed 42, validation match AURAC at the grid step):", ""]
+        for name, points in sorted(t["grid"].items()):
+            lines.append(f"- {name}: " + ", ".join(f"{k}: {v:.1f}" for k, v in points.items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_summary(results: Path, preset: dict) -> dict:
+    summary = summarize(collect(results), preset)
+    atomic_write_text(results / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(results / "summary.md", markdown(summary))
+    for task, t in summary["tasks"].items():
+        if not t["methods"]:
+            continue
+        fig, ax = new_plot()
+        for name, m in sorted(t["methods"].items()):
+            ax.errorbar(RANKS, [m["per_rank"][str(k)]["mean"] for k in RANKS],
+                        yerr=[m["per_rank"][str(k)]["std"] for k in RANKS], marker="o", capsize=2,
+                        label=f"{name} ({m['aurac']['mean']:.1f})")
+        save_log2_plot(fig, ax, "rank", f"{t['metric']} (%), {task}", results / f"summary-{task}.png")
+    return summary
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="v2")
+    ap.add_argument("--model", default=None, help="Override the preset's model (tests use a tiny local one).")
+    ap.add_argument("--out", default="runs/study2", help="Adapters and checkpoints (not committed).")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "study"),
+                    help="Result JSONs and the summary (committed).")
+    ap.add_argument("--max-minutes", type=float, default=None, help="Stop cleanly between units after this long.")
+    ap.add_argument("--summary-only", action="store_true", help="Rebuild the summary from the result JSONs.")
+    args = ap.parse_args(argv)
+    preset = PRESETS[args.preset]
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    study = Study(preset, Path(args.out), results, args.model, args.max_minutes)
+    done = True
+    if not args.summary_only:
+        started = time.perf_counter()
+        try:
+            study.plan()
+        except TimeUp:
+            done = False
+            print(f"[study] --max-minutes reached after {(time.perf_counter() - started) / 60:.1f} min; "
+                  "run the same command again to continue.", flush=True)
+    summary = write_summary(results, preset)
+    summary["complete"] = done
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Study v2 (benchmarks/study.py): a tiny end-to-end run, resume in chunks, and the summary's AURAC arithmetic."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from matryoshka_lora.metrics import aurac, log_aurac
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_v2", ROOT / "benchmarks" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
+    argv = ["--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res")]
+    first = study.main([*argv, "--max-minutes", "0"])  # stops before the first unit
+    assert first["complete"] is False and not list((tmp_path / "res").glob("arith/*/*/*/*.json"))
+    summary = study.main(argv)
+    assert summary["complete"] is True
+    t = summary["tasks"]["arith"]
+    assert t["n_test"] == 6 and t["metric"] == "exact_match_strict"
+    assert set(t["methods"]) == {"lora", "lora+svd", "matryoshka", "matryoshka+fold", "matryoshka+fold+svd"}
+    for m in t["methods"].values():
+        assert m["seeds"] == [42, 666] and m["steps"] == 4
+    # one JSON per (method, lr, seed, steps, split, metric): grid at step 2 for both rates, finals at 2 and 4
+    files = sorted(p.relative_to(tmp_path / "res").as_posix() for p in (tmp_path / "res").glob("arith/**/*.json"))
+    assert "arith/lora/lr0.001/seed42/step2-validation-match.json" in files
+    assert "arith/matryoshka/lr0.003/seed42/step2-validation-match.json" in files
+    assert sum(f.endswith("step4-test-match.json") for f in files) == 4
+    assert sum(f.endswith("step4-test-strict.json") for f in files) == 4
+    # the seed-42 final run continued the grid run: its step-2 snapshot was not trained again
+    lr = t["methods"]["lora"]["lr"]
+    run = tmp_path / "runs" / "arith" / "lora" / f"lr{lr:g}" / "seed42"
+    assert json.loads((run / "train_config.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    assert not (run / "checkpoints").exists()  # finished runs keep only their snapshots
+    assert (tmp_path / "res" / "summary-arith.png").is_file() and "| lora" in (tmp_path / "res" / "summary.md").read_text()
+    assert set(t["best"]["paired"]) == {"lora"}  # dylora was not in this study
+
+
+def test_summary_aurac_is_aurac_of_mean_per_rank(study):
+    """AURAC is linear in the accuracies: the committed summary's AURAC equals AURAC of its mean per-rank row."""
+    path = ROOT / "benchmarks" / "results" / "study" / "summary.json"
+    if not path.is_file():
+        pytest.skip("no study v2 summary committed yet")
+    summary = json.loads(path.read_text())
+    ranks = summary["ranks"]
+    checked = 0
+    for t in summary["tasks"].values():
+        for m in t["methods"].values():
+            means = [m["per_rank"][str(k)]["mean"] for k in ranks]
+            assert m["aurac"]["mean"] == pytest.approx(aurac(ranks, means), abs=1e-9)
+            assert m["log_aurac"]["mean"] == pytest.approx(log_aurac(ranks, means), abs=1e-9)
+            checked += 1
+    assert checked > 0
+
+
+def test_summary_hand_computed(study):
+    """Two seeds, hand-computed means, std and paired differences."""
+    def row(seed, name, accs, metric="match"):
+        ranks = study.RANKS
+        return {"task": "arith", "method": "lora", "lr": 1e-3, "seed": seed, "steps": 600, "split": "test", "n": 400,
+                "metric": metric, "compute_per_step": 1,
+                "rules": {name: {"per_rank": {str(k): a for k, a in zip(ranks, accs)}, "base": 0.0,
+                                 "aurac": aurac(ranks, accs), "log_aurac": log_aurac(ranks, accs)}}}
+    rows = [row(42, "lora", [0, 0, 0, 10, 20, 40]), row(666, "lora", [0, 0, 0, 20, 20, 60]),
+            row(42, "lora+svd", [30, 30, 30, 30, 30, 30]), row(666, "lora+svd", [20, 20, 20, 20, 20, 20])]
+    preset = dict(study.PRESETS["v2"], tasks=["arith"], seeds=[42, 666])
+    s = study.summarize(rows, preset)["tasks"]["arith"]
+    assert s["methods"]["lora"]["per_rank"]["32"] == {"mean": 50.0, "std": pytest.approx(14.142135623730951)}
+    # lora AURAC, seed 42: (0+0)/2*1 + 0*2 + (0+10)/2*4 + (10+20)/2*8 + (20+40)/2*16 = 20 + 120 + 480 = 620 / 31
+    assert s["methods"]["lora"]["aurac"]["mean"] == pytest.approx((620 / 31 + (40 + 160 + 640) / 31) / 2)
+    assert s["best"]["name"] == "lora+svd"
+    d = s["best"]["paired"]["lora"]
+    assert d["aurac"]["mean"] == pytest.approx(((30 - 620 / 31) + (20 - 840 / 31)) / 2)
