@@ -144,3 +144,31 @@ def test_plain_peft_adapter_elsewhere_names_mlora_svd(tmp_path):
     _peft_adapter(tmp_path, "plain", r=4, lora_alpha=4)
     with pytest.raises(FileNotFoundError, match="mlora svd"):
         load_matryoshka_model(BUILDERS["llama"](0), tmp_path / "plain")
+
+
+@pytest.mark.parametrize("method,order", [("lora", "svd"), ("matryoshka", "fold"), ("dylora", "svd")])
+def test_train_deploy_order_saves_ordered_adapter_same_full_rank(tiny_model_dir, tmp_path, input_ids, method, order):
+    from matryoshka_lora.models import load_model
+
+    def train(out, deploy):
+        argv = ["train", "--model", str(tiny_model_dir), "--dataset", "arith", "--num-train", "8", "--max-steps", "2",
+                "--batch-size", "4", "--r", "4", "--ranks", "1,2,4", "--method", method, "--learning-rate", "1e-2",
+                "--seed", "3", "--output-dir", str(out), "--deploy-order", deploy, "--disable-tqdm"]
+        assert cli_main(argv) == 0
+        base, _ = load_model(str(tiny_model_dir))
+        return load_matryoshka_model(base, out / "adapter")
+
+    plain, ordered = train(tmp_path / "plain", "none"), train(tmp_path / "ordered", order)
+    cfg = ordered._mlora_controller.config
+    assert cfg.method == "lora" and (cfg.svd_from == method if order == "svd" else cfg.folded_from == method)
+    reference = dict(lora=4, dylora=4).get(method)  # rank 4 under the paper rule; matryoshka: its training P
+    with set_rank(plain, reference), set_rank(ordered, 4):
+        torch.testing.assert_close(logits(ordered, input_ids), logits(plain, input_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_deploy_order_fold_refuses_dylora(tiny_model_dir, tmp_path, capsys):
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "arith", "--num-train", "8", "--max-steps", "1",
+            "--r", "4", "--ranks", "1,2,4", "--method", "dylora", "--output-dir", str(tmp_path / "o"),
+            "--deploy-order", "fold"]
+    assert cli_main(argv) == 2
+    assert "deploy_order='svd'" in capsys.readouterr().err

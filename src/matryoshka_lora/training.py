@@ -36,15 +36,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
-from .model import draw_rank, get_controller, get_matryoshka_model, set_row_ranks
+from .model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_row_ranks
 from .saving import (atomic_write_text, check_adapter_dir, config_differences, explain_disk_full, replace_directory,
                      save_matryoshka)
+from .svd import svd_order
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING = ".saving"  # checkpoints are written here, then renamed to checkpoints/checkpoint-N
-STATE_NAME = "matryoshka_state.json"  # in each checkpoint: seed, global step, DyLoRA draws so far
+STATE_NAME = "matryoshka_state.json"
+DEPLOY_ORDERS = ("none", "fold", "svd")  # in each checkpoint: seed, global step, DyLoRA draws so far
 
 
 @dataclass
@@ -76,6 +78,12 @@ class TrainConfig:
         default=0,
         metadata={"help": "Stop after this many optimizer steps but keep the learning-rate schedule of max_steps, "
                           "writing a checkpoint there; continue later with --resume (0: run to the end)."})
+    deploy_order: str = field(
+        default="none",
+        metadata={"help": "How the final adapter's rank prefixes are ordered when it is saved: none (as trained; rank "
+                          "k runs the paper's s_k A_k B_k) | fold (the training P folded into lora_A: rank k is the "
+                          "prefix of A diag(P) B; fixed-P methods) | svd (SVD order: rank k is the best rank-k cut of "
+                          "the trained delta). Checkpoints and snapshots keep the trained factors."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest complete checkpoint in output_dir (same options as the run it continues)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
@@ -90,6 +98,8 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1.")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.save_steps < 0 or self.stop_after_steps < 0:
             problems.append("warmup_steps, weight_decay, save_steps and stop_after_steps must be >= 0.")
+        if self.deploy_order not in DEPLOY_ORDERS:
+            problems.append(f"Unknown deploy_order {self.deploy_order!r}. Available: {', '.join(DEPLOY_ORDERS)}.")
         if self.snapshot_steps is not None and not all(isinstance(n, int) and n > 0 for n in self.snapshot_steps):
             problems.append(f"snapshot_steps={self.snapshot_steps!r} must be positive step numbers, e.g. [75, 150].")
         if problems:
@@ -292,6 +302,9 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
     """
     from transformers import DataCollatorForSeq2Seq
 
+    if config.deploy_order == "fold" and adapter.method in ("dylora", "multirank"):
+        raise ValueError(f"deploy_order='fold' needs a fixed P, but method={adapter.method!r} trains each rank with "
+                         "its own s_k P_k; use deploy_order='svd' or 'none'.")
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
     resume = _resume_point(checkpoints, adapter, config.resume)
@@ -356,6 +369,12 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
         if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
             raise NonFiniteLoss(f"Adapter weights are NaN/inf after step {trainer.state.global_step}; the adapter was "
                                 f"not saved. {_last_good(checkpoints)} Lower --learning-rate or use --dtype float32.")
+        if config.deploy_order != "none":
+            if state_dict is not None:
+                raise ValueError(f"deploy_order={config.deploy_order!r} is not supported with sharded training "
+                                 "(FSDP/ZeRO-3); train with deploy_order='none', then run `mlora svd` or "
+                                 "`mlora fold` on the saved adapter.")
+            (fold_p if config.deploy_order == "fold" else svd_order)(peft_model)
         save_matryoshka(peft_model, adapter_dir, state_dict)
         history = trainer.state.log_history
         atomic_write_text(out / "loss_curve.json", json.dumps(
