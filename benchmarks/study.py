@@ -269,12 +269,42 @@ def summarize(rows: list[dict], preset: dict) -> dict:
         task_out = {"n_test": n_test, "metric": {"strict": "exact_match_strict", "match": "match"}[metric],
                     "methods": methods, "plateau": plateau(t_rows), "grid": grid_table(t_rows, preset)}
         full = [n for n, m in methods.items() if len(m["seeds"]) == len(preset["seeds"])]
+        wanted = {variant(m, rule) for m in preset["task_methods"].get(task, preset["methods"]) for rule in METHODS[m][3]}
+        task_out["complete"] = metric == "strict" and wanted <= set(full)
         if full:
             best = max(full, key=lambda n: methods[n]["aurac"]["mean"] + methods[n]["log_aurac"]["mean"])
             task_out["best"] = {"name": best, "paired": {ref: paired((final.get(metric) or {}), best, ref)
                                                          for ref in ("lora", "dylora") if ref in methods}}
         out["tasks"][task] = task_out
+    out["winner"] = winner(out)
     return out
+
+
+def defaults_of(name: str) -> dict:
+    """The training options a variant stands for: {"method", "init", "deploy_order"} (e.g. lora+svd)."""
+    method, _, rule = name.partition("+")
+    options, _, _, _ = METHODS[method]
+    order = "svd" if rule.endswith("svd") else "fold" if rule == "fold" else "none"
+    return {"method": options["method"], "init": options.get("init", "peft"), "deploy_order": order}
+
+
+def winner(summary: dict) -> dict | None:
+    """The variant with the best mean of AURAC and log-AURAC over all tasks, once every task is complete.
+
+    Returns:
+        {"name", "score", "wins_everywhere": best on both AURACs on every task, "defaults"}, or None
+        while some task has no variant with all seeds.
+    """
+    tasks = summary["tasks"]
+    if not tasks or not all(t.get("complete") for t in tasks.values()):
+        return None
+    names = set.intersection(*(set(t["methods"]) for t in tasks.values()))
+    score = {n: statistics.fmean((t["methods"][n]["aurac"]["mean"] + t["methods"][n]["log_aurac"]["mean"]) / 2
+                                 for t in tasks.values()) for n in names}
+    best = max(sorted(names), key=lambda n: score[n])
+    everywhere = all(t["methods"][best][m]["mean"] >= max(v[m]["mean"] for v in t["methods"].values())
+                     for t in tasks.values() for m in ("aurac", "log_aurac"))
+    return {"name": best, "score": score[best], "wins_everywhere": everywhere, "defaults": defaults_of(best)}
 
 
 def paired(final: dict, a: str, b: str) -> dict:
@@ -310,7 +340,10 @@ def grid_table(rows: list[dict], preset: dict) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = []
+    w = summary.get("winner")
+    lines = [f"**Winner over all tasks (mean of AURAC and log-AURAC): {w['name']}** ({w['score']:.1f}; best on both "
+             f"AURACs on every task: {'yes' if w['wins_everywhere'] else 'no'}). Defaults: {w['defaults']}.", ""] if w \
+        else ["Study incomplete: no winner yet.", ""]
     for task, t in summary["tasks"].items():
         lines += [f"### {task}: test split, {t['n_test']} problems, {t['metric']} (%), mean ± std over seeds", "",
                   "| method | lr | steps | seeds | " + " | ".join(f"r={k}" for k in summary["ranks"])

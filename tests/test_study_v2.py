@@ -44,6 +44,30 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
     assert not (run / "checkpoints").exists()  # finished runs keep only their snapshots
     assert (tmp_path / "res" / "summary-arith.png").is_file() and "| lora" in (tmp_path / "res" / "summary.md").read_text()
     assert set(t["best"]["paired"]) == {"lora"}  # dylora was not in this study
+    assert t["complete"] is True and summary["winner"]["name"] in t["methods"]
+    w = summary["winner"]
+    assert w["defaults"] == study.defaults_of(w["name"]) and w["defaults"]["method"] in ("lora", "matryoshka")
+
+
+def test_defaults_of_variants(study):
+    assert study.defaults_of("lora+svd") == {"method": "lora", "init": "peft", "deploy_order": "svd"}
+    assert study.defaults_of("matryoshka+fold") == {"method": "matryoshka", "init": "peft", "deploy_order": "fold"}
+    assert study.defaults_of("matryoshka_pinit+fold+svd") == {"method": "matryoshka", "init": "paper",
+                                                              "deploy_order": "svd"}
+    assert study.defaults_of("multirank@compute") == {"method": "multirank", "init": "peft", "deploy_order": "none"}
+
+
+def test_library_defaults_are_the_measured_winner(study):
+    """Once the committed study is complete, MatryoshkaConfig / TrainConfig defaults must be its winner."""
+    from matryoshka_lora import MatryoshkaConfig
+    from matryoshka_lora.training import TrainConfig
+
+    path = ROOT / "benchmarks" / "results" / "study" / "summary.json"
+    w = json.loads(path.read_text()).get("winner") if path.is_file() else None
+    if w is None:
+        pytest.skip("study v2 is not complete yet: no measured winner")
+    assert {"method": MatryoshkaConfig().method, "init": MatryoshkaConfig().init,
+            "deploy_order": TrainConfig().deploy_order} == w["defaults"]
 
 
 def test_summary_aurac_is_aurac_of_mean_per_rank(study):
