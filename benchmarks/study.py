@@ -66,7 +66,8 @@ METHODS = {
 PRESETS = {
     "v2": dict(model="smollm2-135m", tasks=["arith", "wordops"], methods=list(METHODS),
                task_methods={"wordops": ["lora", "dylora", "matryoshka", "multirank@compute"]},
-               steps=600, snapshots=[75, 150, 300, 600], grid_at=150, batch_size=16, n_val=200, n_test=400,
+               steps=600, snapshots=[75, 150, 300, 400, 600], grid_at=150, plateau_at=400, batch_size=16,
+               n_val=200, n_test=400,
                seeds=[42, 666, 2408], grid_seed=42, max_new_tokens=64, eval_batch_size=64, extend=2),
     # the default-suite test: a tiny model, a few steps, two seeds
     "tiny": dict(model=None, tasks=["arith"], methods=["lora", "matryoshka"], task_methods={}, steps=4,
@@ -115,6 +116,7 @@ class Study:
             eval_batch_size=p["eval_batch_size"], max_new_tokens=p["max_new_tokens"], metrics=["match"],
             output_dir=str(self.run_dir(task, method, lr, seed)), disable_tqdm=True, logging_steps=25,
             save_steps=0, save_total_limit=1, snapshot_steps=[self.scaled(method, s) for s in p["snapshots"]],
+            group_by_length=True,
             stop_after_steps=until if until < steps else 0, max_length=1024, **overrides))
 
     def model(self):
@@ -209,25 +211,43 @@ class Study:
         return best
 
     def plan(self):
-        """Units in priority order: grids, then seed after seed of the final runs, task after task."""
+        """Units in priority order, task after task: the grids; the seed-42 runs along their whole
+        schedule on validation (where each method plateaus); the final step count from those curves;
+        the test split at that step, seed after seed; last, generation strict-match on test."""
         first = self.p["tasks"][0]
-        picked = {}
+        picked, finals = {}, {}
         for task in self.p["tasks"]:
             methods = self.p["task_methods"].get(task, self.p["methods"])
             for method in methods:
                 if method not in picked:
                     picked[method] = self.pick(first if method in self.p["task_methods"].get(first, self.p["methods"])
                                                else task, method)
+            curves = {m: {step: self.score(task, m, picked[m], self.p["grid_seed"], step, "validation")
+                          for step in self.p["snapshots"]} for m in methods}
+            finals[task] = self.final_steps(task, curves)
             for seed in self.p["seeds"]:
                 for method in methods:
-                    lr = picked[method]
-                    self.score(task, method, lr, seed, self.p["steps"], "test")
-                    for step in self.p["snapshots"][:-1]:
-                        self.score(task, method, lr, seed, step, "validation")
-        for task in self.p["tasks"]:  # the final tables: generation strict-match on test
+                    self.score(task, method, picked[method], seed, finals[task], "test")
+                    if seed != self.p["grid_seed"]:  # trained only to the final step: the checkpoints are done
+                        shutil.rmtree(self.run_dir(task, method, picked[method], seed) / "checkpoints",
+                                      ignore_errors=True)
+        for task in self.p["tasks"]:
             for seed in self.p["seeds"]:
                 for method in self.p["task_methods"].get(task, self.p["methods"]):
-                    self.score(task, method, picked[method], seed, self.p["steps"], "test", "strict")
+                    self.score(task, method, picked[method], seed, finals[task], "test", "strict")
+
+    def final_steps(self, task, curves) -> int:
+        """The issue's cut: stop at `plateau_at` (400) if no method's validation AURAC (any rule, seed 42)
+        gains a point or more from there to the end of the schedule; else train to the end."""
+        end, at = self.p["snapshots"][-1], self.p.get("plateau_at", self.p["snapshots"][-1])
+        gains = {name: v["aurac"] - curves[m][at]["rules"][name]["aurac"]
+                 for m in curves for name, v in curves[m][end]["rules"].items()}
+        final = at if all(g < 1.0 for g in gains.values()) else end
+        record = {"task": task, "final_steps": final, "plateau_at": at, "end": end,
+                  "gain_from_plateau_at_to_end": gains, "rule": "final = plateau_at if every gain < 1.0 point"}
+        (self.results / task).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.results / task / "final_steps.json", json.dumps(record, indent=1) + "\n")
+        return final
 
 
 class TimeUp(Exception):
@@ -371,6 +391,9 @@ def markdown(summary: dict) -> str:
 
 def write_summary(results: Path, preset: dict) -> dict:
     summary = summarize(collect(results), preset)
+    for task, t in summary["tasks"].items():  # how the final step count was chosen (Study.final_steps)
+        record = results / task / "final_steps.json"
+        t["final_steps"] = json.loads(record.read_text()) if record.is_file() else None
     atomic_write_text(results / "summary.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(results / "summary.md", markdown(summary))
     for task, t in summary["tasks"].items():

@@ -350,10 +350,10 @@ def test_trust_remote_code_is_off_unless_asked():
 
 # -- stop early, snapshots -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["dylora", "matryoshka"])
-def test_stop_after_then_resume_equals_whole_run_and_snapshots_match(tiny_model_dir, tmp_path, method):
+@pytest.mark.parametrize("method,grouped", [("dylora", False), ("matryoshka", True)])
+def test_stop_after_then_resume_equals_whole_run_and_snapshots_match(tiny_model_dir, tmp_path, method, grouped):
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
-    snap = ["--snapshot-steps", "3,6"]
+    snap = ["--snapshot-steps", "3,6", *(["--group-by-length"] if grouped else [])]
     assert main(["train", *args(tiny_model_dir, stopped, method=method, save_steps=0), "--stop-after-steps", "3",
                  *snap]) == 0
     assert json.loads((stopped / "train_config.json").read_text())["global_step"] == 3

@@ -27,14 +27,15 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
     summary = study.main(argv)
     assert summary["complete"] is True
     t = summary["tasks"]["arith"]
-    assert t["n_test"] == 6 and t["metric"] == "exact_match_strict"
+    assert t["n_test"] == 6 and t["metric"] == "exact_match_strict" and t["final_steps"]["final_steps"] == 4
     assert set(t["methods"]) == {"lora", "lora+svd", "matryoshka", "matryoshka+fold", "matryoshka+fold+svd"}
     for m in t["methods"].values():
         assert m["seeds"] == [42, 666] and m["steps"] == 4
-    # one JSON per (method, lr, seed, steps, split, metric): grid at step 2 for both rates, finals at 2 and 4
+    # one JSON per (method, lr, seed, steps, split, metric): grid at step 2 for both rates, seed 42 along its run
     files = sorted(p.relative_to(tmp_path / "res").as_posix() for p in (tmp_path / "res").glob("arith/**/*.json"))
     assert "arith/lora/lr0.001/seed42/step2-validation-match.json" in files
     assert "arith/matryoshka/lr0.003/seed42/step2-validation-match.json" in files
+    assert sum(f.endswith("step4-validation-match.json") for f in files) == 2  # the curve: seed 42 only
     assert sum(f.endswith("step4-test-match.json") for f in files) == 4
     assert sum(f.endswith("step4-test-strict.json") for f in files) == 4
     # the seed-42 final run continued the grid run: its step-2 snapshot was not trained again
@@ -105,3 +106,17 @@ def test_summary_hand_computed(study):
     assert s["best"]["name"] == "lora+svd"
     d = s["best"]["paired"]["lora"]
     assert d["aurac"]["mean"] == pytest.approx(((30 - 620 / 31) + (20 - 840 / 31)) / 2)
+
+
+@pytest.mark.parametrize("gain,final", [(0.9, 400), (1.0, 600)])
+def test_final_steps_cut_to_400_only_when_every_method_plateaued(study, tmp_path, gain, final):
+    s = study.Study(study.PRESETS["v2"], tmp_path / "runs", tmp_path, None, None)
+
+    def point(a):
+        return {"rules": {"lora": {"aurac": a}, "lora+svd": {"aurac": a + 5}}}
+
+    curves = {"lora": {400: point(40.0), 600: point(40.0 + gain)},
+              "dylora": {400: {"rules": {"dylora": {"aurac": 30.0}}}, 600: {"rules": {"dylora": {"aurac": 29.0}}}}}
+    assert s.final_steps("arith", curves) == final
+    record = json.loads((tmp_path / "arith" / "final_steps.json").read_text())
+    assert record["final_steps"] == final and record["gain_from_plateau_at_to_end"]["dylora"] == -1.0

@@ -63,6 +63,10 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapter."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Trainer scheduler: linear | cosine | constant | ..."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and DyLoRA draws."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch examples of similar length together (the Trainer's LengthGroupedSampler): less "
+                          "padding, so faster steps when lengths vary; the order is still random per seed."})
     bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 mixed precision (GPUs/CPUs that support it)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
     report_to: str = field(default="none", metadata={"help": "Experiment tracker: none | tensorboard | wandb | ..."})
@@ -106,7 +110,13 @@ class TrainConfig:
             raise ValueError("Invalid TrainConfig:\n  - " + "\n  - ".join(problems))
 
     def training_arguments(self) -> TrainingArguments:
+        # transformers 5 names the sampler `train_sampling_strategy`; 4.x has `group_by_length`
+        if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+            sampler = {"train_sampling_strategy": "group_by_length" if self.group_by_length else "random"}
+        else:
+            sampler = {"group_by_length": self.group_by_length}
         return TrainingArguments(
+            **sampler,
             output_dir=str(Path(self.output_dir) / "checkpoints"),
             learning_rate=self.learning_rate,
             num_train_epochs=self.num_train_epochs,
