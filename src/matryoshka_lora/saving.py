@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
 from .model import attach, fold_plan, get_controller
+from .models import portable_name
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -163,9 +164,19 @@ def save_matryoshka(model: torch.nn.Module, directory: str | Path, state_dict: d
     with atomic_directory(directory, overwrite=True) as tmp:
         extra = {"state_dict": state_dict} if state_dict is not None else {}
         model.save_pretrained(str(tmp), safe_serialization=True, **extra)
+        portable_base_name(tmp)
         config.save(tmp)
         record_config(tmp, config)
     return directory
+
+
+def portable_base_name(directory: Path) -> None:
+    """Record an embedded base model by its Hub id, not the local path it was loaded from."""
+    path = Path(directory) / PEFT_CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    name = portable_name(cfg.get("base_model_name_or_path"))
+    if name != cfg.get("base_model_name_or_path"):
+        path.write_text(json.dumps(dict(cfg, base_model_name_or_path=name), indent=2, sort_keys=True) + "\n")
 
 
 def config_record(config: MatryoshkaConfig) -> dict[str, str]:
