@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..model import get_controller, set_rank
 from ..prompts import build_prompt, encode_for_training, encode_prompt, stop_strings
-from .generation import generate, score_generations
+from .generation import GenerationScorer, compile_answer_regex, generate
 from .likelihood import completion_loss, multiple_choice
 
 METRICS = ("generate", "loss", "mc")
@@ -31,6 +31,13 @@ class EvalConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per batch when evaluating."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length cap."})
     include_base: bool = field(default=True, metadata={"help": "Also evaluate rank 0, the base model."})
+    answer_regex: str | None = field(
+        default=None,
+        metadata={"help": "generate, free-form data: a regex whose first match (its first group, if any) is the answer, "
+                          "taken from the generation and from the gold completion, as lm-eval's regex filter "
+                          "(e.g. 'answer is (\\S+)'). Default: the whole generation against the whole gold."})
+    ignore_case: bool = field(default=False, metadata={"help": "generate, free-form data: compare answers case-insensitively (lm-eval's exact_match ignore_case)."})
+    ignore_punctuation: bool = field(default=False, metadata={"help": "generate, free-form data: drop punctuation before comparing (lm-eval's exact_match ignore_punctuation)."})
 
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -38,11 +45,13 @@ class EvalConfig:
             raise ValueError(f"Unknown metrics {unknown}. Available: {', '.join(METRICS)}")
         if self.num_fewshot < 0 or self.eval_batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("num_fewshot must be >= 0; eval_batch_size and max_new_tokens >= 1.")
+        if self.answer_regex is not None:
+            compile_answer_regex(self.answer_regex)
 
 
-def headline_metric(metrics: Sequence[str]) -> str:
+def headline_metric(metrics: Sequence[str], scorer: GenerationScorer | None = None) -> str:
     if "generate" in metrics:
-        return "exact_match_strict"
+        return scorer.metric if scorer is not None else "exact_match_strict"
     if "mc" in metrics:
         return "acc"
     return "loss"
@@ -53,13 +62,11 @@ class _Prepared:
 
     def __init__(self, tokenizer, examples, fewshot, config: EvalConfig, chat_template: bool, max_length: int):
         self.gen = self.loss = self.mc = None
-        if "generate" in config.metrics:
-            usable = [e for e in examples if e.answer is not None]
-            if not usable:
-                raise ValueError("metric 'generate' needs examples with a gold answer (GSM8K-style '#### N'); "
-                                 "use --metrics loss for free-form completions.")
-            prompts = [build_prompt(tokenizer, e, fewshot, chat_template) for e in usable]
-            self.gen = ([encode_prompt(tokenizer, p) for p in prompts], [e.answer for e in usable])
+        if "generate" in config.metrics:  # (prompt ids, scorer): GSM8K-style or free-form exact match
+            scorer = GenerationScorer.for_examples(examples, config.answer_regex, config.ignore_case,
+                                                   config.ignore_punctuation)
+            prompts = [build_prompt(tokenizer, e, fewshot, chat_template) for e in examples]
+            self.gen = ([encode_prompt(tokenizer, p) for p in prompts], scorer)
         if "loss" in config.metrics:
             self.loss = [encode_for_training(tokenizer, e, chat_template=chat_template, max_length=max_length) for e in examples]
         if "mc" in config.metrics:
@@ -74,8 +81,8 @@ def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar
     out: dict = {}
     if prep.gen is not None:
         texts = generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens, config.eval_batch_size, bar)
-        scored = score_generations(texts, prep.gen[1])
-        out.update(exact_match_strict=scored["exact_match_strict"], exact_match_flexible=scored["exact_match_flexible"])
+        scored = prep.gen[1].score(texts)
+        out.update(scored["scores"])
         out["_items"] = [dict(item, text=t) for item, t in zip(scored["items"], texts)]
     if prep.loss is not None:
         out.update(completion_loss(model, prep.loss, config.eval_batch_size))
@@ -122,7 +129,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
                 items[str(k)] = item_list
             per_rank[k] = scores
     result = {
-        "metric": headline_metric(config.metrics),
+        "metric": headline_metric(config.metrics, prep.gen and prep.gen[1]),
         "ranks": ranks,
         "base": per_rank.pop(0) if config.include_base else None,
         "per_rank": per_rank,
