@@ -39,7 +39,12 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 | bfloat16 | float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub. Off unless you trust the source."})
     chat_template: bool = field(default=True, metadata={"help": "Format prompts with the tokenizer's chat template when it has one."})
-    max_length: int = field(default=512, metadata={"help": "Longest training/eval sequence in tokens; longer examples are an error."})
+    max_length: int = field(default=512, metadata={"help": "Longest training/eval sequence in tokens; longer examples are an error unless truncation is on."})
+    truncation: bool = field(
+        default=False,
+        metadata={"help": "Cut training examples longer than max_length to their first max_length tokens (end of the "
+                          "completion and EOS cut), as the official code does at 512, instead of stopping with an "
+                          "error. The count is logged; an example whose prompt alone fills max_length is an error."})
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": MatryoshkaConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -135,8 +140,10 @@ def train(run: RunConfig, model=None, tokenizer=None):
     if model is None:
         model, tokenizer = _load(run)
     examples = load_examples(run.data, "train")
-    encoded = encode_examples(tokenizer, examples, run.model.chat_template, run.model.max_length)
-    meta = {"model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data), "n_train": len(encoded)}
+    encoded = encode_examples(tokenizer, examples, run.model.chat_template, run.model.max_length,
+                              truncate=run.model.truncation)
+    meta = {"model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data), "n_train": len(encoded),
+            "n_truncated": encoded.truncated}
     return train_adapter(model, tokenizer, encoded, run.adapter, run.train, collator=make_collator(tokenizer),
                          extra_metadata=meta)
 
