@@ -9,7 +9,7 @@ import yaml
 
 from matryoshka_lora import aurac
 from matryoshka_lora.cli import main
-from matryoshka_lora.comparison import CompareConfig, run_dir, split_options
+from matryoshka_lora.comparison import CompareConfig, SharedBase, pick_learning_rate, run_dir, split_options
 
 SEEDS = [3, 7]
 
@@ -91,3 +91,13 @@ def test_compare_defaults():
     run, config = split_options({"seed": 5, "learning_rate": 1e-4})
     assert config == CompareConfig() and config.seed_list(run.train.seed) == [5]
     assert config.grid("lora", run.train.learning_rate) == [1e-4]
+
+
+def test_a_loss_metric_picks_the_lowest_validation_aurac(tiny_model_dir, tmp_path):
+    run, config = split_options({
+        "model": str(tiny_model_dir), "dataset": "arith", "num_train": 16, "num_eval": 4, "validation_size": 4,
+        "max_steps": 4, "batch_size": 4, "r": 4, "ranks": [1, 4], "max_length": 1024, "disable_tqdm": True,
+        "metrics": ["loss"], "methods": ["lora"], "lr": {"lora": [1e-5, 3e-2]}, "seeds": [0]})
+    lr, grid = pick_learning_rate(SharedBase(run), run, "lora", config, tmp_path)
+    loss_aurac = {g["learning_rate"]: g["validation_aurac"] for g in grid}
+    assert loss_aurac[3e-2] < loss_aurac[1e-5] and lr == 3e-2  # the larger rate learnt more: lower held-out loss

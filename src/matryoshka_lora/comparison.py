@@ -5,7 +5,8 @@ The protocol, per method:
 1. Train every learning rate of the method's grid (`CompareConfig.lr`) with every seed
    (`CompareConfig.seeds`); data, steps and rank schedule are shared by all runs.
 2. With two or more rates, score every run on the validation split and pick the rate whose runs
-   have the best mean validation AURAC over the seeds (the paper picks runs by AURAC).
+   have the best mean validation AURAC over the seeds (the paper picks runs by AURAC; the
+   highest for accuracies, the lowest for the `loss` metric).
 3. Score the picked rate's runs, one per seed, on the test split. The table shows the mean ± std
    (sample std, n - 1) over seeds at each rank and for AURAC / log-AURAC. AURAC is linear in the
    accuracies, so the mean of the seeds' AURACs is the AURAC of the mean curve.
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .experiment import RunConfig, evaluate, flat_fields, load_model_for, train
-from .report import write_results
+from .report import higher_is_better, write_results
 from .saving import atomic_write_text, load_matryoshka_model
 from .training import latest_checkpoint
 from .weighting import METHODS
@@ -183,14 +184,15 @@ def pick_learning_rate(shared: SharedBase, run: RunConfig, method: str, config: 
     grid, seeds = config.grid(method, run.train.learning_rate), config.seed_list(run.train.seed)
     if len(grid) == 1:
         return grid[0], None
-    scored = []
+    scored, sign = [], 1.0
     for lr in grid:
-        per_seed = [evaluate_run(shared, run, method, lr, s, out, "validation")["methods"][method]["aurac"]
-                    for s in seeds]
+        results = [evaluate_run(shared, run, method, lr, s, out, "validation") for s in seeds]
+        per_seed = [r["methods"][method]["aurac"] for r in results]
+        sign = 1.0 if higher_is_better(results[0]["metric"]) else -1.0  # AURAC of a loss: lower is better
         mean, std = mean_std(per_seed)
         scored.append({"learning_rate": lr, "validation_aurac": mean, "validation_aurac_std": std,
                        "validation_aurac_per_seed": dict(zip(map(str, seeds), per_seed))})
-    best = max(scored, key=lambda g: g["validation_aurac"])  # ties: the first (lowest index) rate
+    best = max(scored, key=lambda g: sign * g["validation_aurac"])  # ties: the first rate of the grid
     return best["learning_rate"], scored
 
 

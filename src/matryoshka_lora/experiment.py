@@ -38,9 +38,10 @@ class ModelConfig:
     max_length: int = field(default=512, metadata={"help": "Longest training/eval sequence in tokens; longer examples are an error unless truncation is on."})
     truncation: bool = field(
         default=False,
-        metadata={"help": "Cut training examples longer than max_length to their first max_length tokens (end of the "
-                          "completion and EOS cut), as the official code does at 512, instead of stopping with an "
-                          "error. The count is logged; an example whose prompt alone fills max_length is an error."})
+        metadata={"help": "Cut examples longer than max_length to their first max_length tokens (the end of the "
+                          "completion and EOS are cut), as the official code does at 512, instead of stopping with "
+                          "an error; examples whose prompt alone fills max_length are left out. Both counts are "
+                          "logged (training and the loss metric)."})
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": MatryoshkaConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -138,9 +139,9 @@ def train(run: RunConfig, model=None, tokenizer=None):
         model, tokenizer = load_model_for(run)
     examples = load_examples(run.data, "train")
     encoded = encode_examples(tokenizer, examples, run.model.chat_template, run.model.max_length,
-                              truncate=run.model.truncation)
+                              drop_long=run.model.truncation, truncate=run.model.truncation)
     meta = {"model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data), "n_train": len(encoded),
-            "n_truncated": encoded.truncated}
+            "n_truncated": encoded.truncated, "n_dropped_long": encoded.dropped}
     return train_adapter(model, tokenizer, encoded, run.adapter, run.train, collator=make_collator(tokenizer),
                          extra_metadata=meta)
 
@@ -167,7 +168,7 @@ def evaluate(run: RunConfig, adapter_dir: str | Path | None = None, split: str =
     examples = load_examples(run.data, split)
     shots = fewshot_examples(run.data, run.eval.num_fewshot) if run.eval.num_fewshot else []
     sweep = evaluate_ranks(model, tokenizer, examples, run.eval, shots, run.model.chat_template, run.model.max_length,
-                           keep_items=keep_items)
+                           keep_items=keep_items, truncate=run.model.truncation)
     entry = method_summary(sweep["per_rank"], sweep["metric"])
     entry.update(r=controller.config.r, adapter=str(adapter_dir) if adapter_dir else None,
                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad) or _adapter_params(model),

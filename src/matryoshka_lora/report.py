@@ -77,6 +77,11 @@ def _is_percent(metric: str) -> bool:
     return not any(t in metric for t in ("loss", "perplexity"))
 
 
+def higher_is_better(metric: str) -> bool:
+    """Accuracies: yes; losses and perplexities (so their AURAC too): no."""
+    return _is_percent(metric)
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"

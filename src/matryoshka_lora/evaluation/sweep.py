@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from ..model import get_controller, set_rank
-from ..prompts import build_prompt, encode_for_training, encode_prompt, stop_strings
+from ..prompts import build_prompt, encode_examples, encode_prompt, stop_strings
 from .generation import GenerationScorer, compile_answer_regex, generate
 from .likelihood import completion_loss, multiple_choice
 
@@ -60,7 +60,8 @@ def headline_metric(metrics: Sequence[str], scorer: GenerationScorer | None = No
 class _Prepared:
     """Everything tokenized once for the whole sweep."""
 
-    def __init__(self, tokenizer, examples, fewshot, config: EvalConfig, chat_template: bool, max_length: int):
+    def __init__(self, tokenizer, examples, fewshot, config: EvalConfig, chat_template: bool, max_length: int,
+                 truncate: bool = False):
         self.gen = self.loss = self.mc = None
         if "generate" in config.metrics:  # (prompt ids, scorer): GSM8K-style or free-form exact match
             scorer = GenerationScorer.for_examples(examples, config.answer_regex, config.ignore_case,
@@ -68,7 +69,7 @@ class _Prepared:
             prompts = [build_prompt(tokenizer, e, fewshot, chat_template) for e in examples]
             self.gen = ([encode_prompt(tokenizer, p) for p in prompts], scorer)
         if "loss" in config.metrics:
-            self.loss = [encode_for_training(tokenizer, e, chat_template=chat_template, max_length=max_length) for e in examples]
+            self.loss = encode_examples(tokenizer, examples, chat_template, max_length, drop_long=truncate, truncate=truncate)
         if "mc" in config.metrics:
             usable = [e for e in examples if getattr(e, "choices", None)]
             if not usable:
@@ -93,7 +94,7 @@ def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar
 
 
 def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), chat_template: bool = True,
-                   max_length: int = 1024, keep_items: bool = False) -> dict:
+                   max_length: int = 1024, keep_items: bool = False, truncate: bool = False) -> dict:
     """Score a matryoshka model at each rank (and rank 0) on the same examples.
 
     Args:
@@ -104,6 +105,8 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
         fewshot: Examples shown before each prompt.
         chat_template: Format prompts with the tokenizer's chat template when it has one.
         max_length: Token cap for the loss metric's encodings.
+        truncate: Loss metric: cut longer examples to max_length (and leave out those whose prompt
+            alone fills it) instead of raising, as training with `truncation` does.
         keep_items: Keep per-item generations under "items".
 
     Returns:
@@ -111,7 +114,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
     """
     controller = get_controller(model)
     ranks = sorted(config.eval_ranks or controller.config.ranks)
-    prep = _Prepared(tokenizer, examples, fewshot, config, chat_template, max_length)
+    prep = _Prepared(tokenizer, examples, fewshot, config, chat_template, max_length, truncate)
     stop = stop_strings(chat_template, tokenizer)
     todo = ([0] if config.include_base else []) + ranks
     per_rank, timings, items = {}, {}, {}
