@@ -217,19 +217,13 @@ SMOKE_RUN = dict(max_steps=2, batch_size=2, gradient_accumulation_steps=1, num_t
                  num_fewshot=1, max_new_tokens=16, eval_batch_size=4, dtype="float32", bf16=False, gradient_checkpointing=False,
                  logging_steps=1, disable_tqdm=True, max_length=1024)
 SMOKE_PLATYPUS = [  # Platypus-style rows (written for this project): instruction, optional input, output
-    {"instruction": "Add the two numbers.", "input": "3 and 4", "output": "7"},
-    {"instruction": "Name the capital of France.", "input": "", "output": "Paris"},
-    {"instruction": "Reverse the word.", "input": "stop", "output": "pots"},
-    {"instruction": "Give the plural of 'mouse'.", "input": "", "output": "mice"},
-    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
-    {"instruction": "Count the letters.", "input": "apple", "output": "5"},
-    {"instruction": "Name a primary color.", "input": "", "output": "Red"},
-    {"instruction": "Double the number.", "input": "21", "output": "42"},
-    {"instruction": "Name the opposite of hot.", "input": "", "output": "cold"},
-    {"instruction": "Spell the number 3.", "input": "", "output": "three"},
-    {"instruction": "Add one.", "input": "9", "output": "10"},
-    {"instruction": "Name a fruit that is yellow.", "input": "", "output": "banana"},
-]
+    dict(zip(("instruction", "input", "output"), row)) for row in [
+        ("Add the two numbers.", "3 and 4", "7"), ("Name the capital of France.", "", "Paris"),
+        ("Reverse the word.", "stop", "pots"), ("Give the plural of 'mouse'.", "", "mice"),
+        ("Translate to French.", "cat", "chat"), ("Count the letters.", "apple", "5"),
+        ("Name a primary color.", "", "Red"), ("Double the number.", "21", "42"),
+        ("Name the opposite of hot.", "", "cold"), ("Spell the number 3.", "", "three"),
+        ("Add one.", "9", "10"), ("Name a fruit that is yellow.", "", "banana")]]
 
 
 class Reproduction:

@@ -2,8 +2,6 @@
 paper's stated hyperparameters (a table written from SPEC.md and issue 13), each line citing its source."""
 
 import dataclasses
-import importlib.util
-import sys
 import re
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import pytest
 
 from matryoshka_lora.comparison import split_options
 from matryoshka_lora.experiment import RunConfig, load_yaml
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -18,11 +17,7 @@ REPRODUCE = "# python benchmarks/reproduce_paper.py --table "
 
 
 def reproduce_paper():
-    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "benchmarks" / "reproduce_paper.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/reproduce_paper.py")
 
 
 def test_configs_exist():

@@ -1,27 +1,19 @@
 """benchmarks/reproduce_paper.py: the --dry-run plan against numbers worked out by hand (default suite),
 and --smoke, every stage for 2 steps on the tiny model (slow)."""
 
-import importlib.util
-import sys
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 
 from matryoshka_lora import aurac
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def rp():
-    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "benchmarks" / "reproduce_paper.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/reproduce_paper.py")
 
 
 # table -> (runs, training examples, optimizer steps per run, lm-eval model evaluations per (task, shots))
