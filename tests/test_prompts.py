@@ -114,6 +114,17 @@ def test_truncation_keeps_the_first_max_length_tokens(tok, caplog):
         encode_examples(tok, [Q3, Q1, Q2], chat_template=False, max_length=40, truncate=True)
 
 
+def test_gsm8k_training_text_is_the_official_codes(tok, tmp_path):
+    """Plain mode trains on the official code's GSM8K text: "Question: {q}\\nAnswer: {answer}" + EOS."""
+    import json
+
+    row = {"question": "Tom has 3 apples. He gets 4 more. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (example,) = load_examples(DataConfig(dataset="gsm8k", data_path=str(tmp_path / "train.jsonl")), "test")
+    ids = encode_for_training(tok, example, chat_template=False, max_length=512, truncate=True)["input_ids"]
+    assert tok.decode(ids) == f"Question: {row['question']}\nAnswer: {row['answer']}" + tok.eos_token
+
+
 def test_collator_right_pads():
     collate = make_collator(tiny_tokenizer(), pad_to_multiple_of=8)
     batch = collate([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
