@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from matryoshka_lora.data import DataConfig, Example, carve_validation, fewshot_examples, load_examples
+from matryoshka_lora.data import DataConfig, Example, carve_validation, fewshot_examples, load_examples, platypus_prompt
 from matryoshka_lora.evaluation import extract_strict
 from matryoshka_lora.synthetic import WORDOPS, generate_arith, generate_wordops, split_of
 from gsm8k_path import gsm8k_dir
@@ -187,6 +187,25 @@ def test_generic_file_columns(tmp_path, suffix):
     train, val = load_examples(cfg, "train"), load_examples(cfg, "validation")
     assert len(train) == 8 and len(val) == 2 and not {e.prompt for e in train} & {e.prompt for e in val}
     assert test.skipped == 0
+
+
+def test_platypus_prompt_format_is_the_official_one(tmp_path):
+    rows = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+            {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},
+            {"instruction": "Name a color.", "output": "Red"}]  # no input column at all
+    path = write(tmp_path / "p.jsonl", rows)
+    cfg = DataConfig(dataset=str(path), prompt_column="instruction", completion_column="output", prompt_format="platypus")
+    got = load_examples(cfg, "test")
+    assert [e.prompt for e in got] == [
+        "### Instruction:\nAdd 2 and 3.\n\n### Response:\n",
+        "### Instruction:\nTranslate.\n\n### Input:\nBonjour\n\n### Response:\n",
+        "### Instruction:\nName a color.\n\n### Response:\n"]
+    assert [e.completion for e in got] == ["5", "Hello", "Red"]  # the training text is prompt + output (+ EOS)
+    assert platypus_prompt("Translate.", "Bonjour") == got[1].prompt
+    with pytest.raises(ValueError, match="prompt_format='platypus' is for your own files and hub datasets"):
+        DataConfig(dataset="gsm8k", prompt_format="platypus")
+    with pytest.raises(ValueError, match="Unknown prompt_format 'alpaca'. Available: column, platypus"):
+        DataConfig(dataset=str(path), prompt_format="alpaca")
 
 
 BAD_FILES = [

@@ -26,6 +26,9 @@ from matryoshka_lora.cli import main
 tests, out, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 for method in {methods!r}:
     assert main(["train", *args, "--method", method, "--output-dir", f"{{out}}/{{method}}"]) == 0
+# DyLoRA with a draw per micro-batch (2 per optimizer step), as the official code draws
+assert main(["train", *args, "--method", "dylora", "--dylora-draw", "micro_batch", "--gradient-accumulation-steps", "2",
+             "--output-dir", f"{{out}}/dylora_micro"]) == 0
 print(f"RANK {{dist.get_rank()}} OF {{dist.get_world_size()}} BACKEND {{dist.get_backend()}}", flush=True)
 
 # FSDP2 (torch's fully_shard, what Accelerate's fsdp_version 2 applies): shard every decoder layer
@@ -139,6 +142,13 @@ def test_two_process_ddp_equals_one_process_with_same_global_batch(launched, tin
     single = json.loads((tmp_path / "single" / "dylora" / "train_config.json").read_text())
     assert single["dylora_draws"] == per_process[0]
     assert len({k for _, k in per_process[0]}) > 1  # the draws do vary over steps
+
+    # A draw per micro-batch: a pure function of (seed, step, micro-batch index), so the two
+    # processes (each running micro-batches 0 and 1 of every step) agree on all 12 draws too.
+    micro = json.loads((tmp_path / "ddp" / "dylora_micro" / "train_config.json").read_text())["dylora_draws_per_process"]
+    assert len(micro) == 2 and micro[0] == micro[1]
+    assert [(s, m) for s, m, _ in micro[0]] == [(s, m) for s in range(6) for m in range(2)]
+    assert len({k for *_, k in micro[0]}) > 1
 
 
 def test_fsdp2_sharded_model_keeps_p_and_set_rank(launched):

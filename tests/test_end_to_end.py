@@ -55,9 +55,9 @@ def test_compare_writes_consistent_json_table_plot(tiny_model_dir, tmp_path):
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 4 and "AURAC" in table  # header + 3 rows
     assert (out / "results.png").stat().st_size > 1000
     # resumable: a second call reuses every finished run (no training: the adapters are not rewritten)
-    stamp = (out / "lora" / "lr0.0003" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    stamp = (out / "lora" / "lr0.0003" / "seed0" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     assert main(argv) == 0
-    assert (out / "lora" / "lr0.0003" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "lora" / "lr0.0003" / "seed0" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["methods"]["lora"]["per_rank"] == res["methods"]["lora"]["per_rank"]
 
 

@@ -80,7 +80,7 @@ def test_labels_mask_exactly_the_prompt(tok, chat, example, target):
 def test_too_long_raises_with_index_or_drops(tok, caplog):
     examples = [Q3, Q1, Q3]
     n1 = len(encode_for_training(tok, Q1, chat_template=False)["input_ids"])
-    with pytest.raises(ExampleTooLongError, match=f"Example 1 has {n1} tokens .* > max_length={n1 - 1}.*drop_long=True"):
+    with pytest.raises(ExampleTooLongError, match=f"Example 1 has {n1} tokens .* > max_length={n1 - 1}.*truncation=True.*drop_long=True"):
         encode_examples(tok, examples, chat_template=False, max_length=n1 - 1)
     with caplog.at_level(logging.WARNING, logger="matryoshka_lora.prompts"):
         kept = encode_examples(tok, examples, chat_template=False, max_length=n1 - 1, drop_long=True)
@@ -88,6 +88,41 @@ def test_too_long_raises_with_index_or_drops(tok, caplog):
     assert encode_examples(tok, examples, chat_template=False, max_length=n1).dropped == 0
     with pytest.raises(ValueError, match="No training examples left"):
         encode_examples(tok, [Q1], chat_template=False, max_length=3, drop_long=True)
+
+
+def test_truncation_keeps_the_first_max_length_tokens(tok, caplog):
+    """truncation=True is the official code's tokenizer(prompt + answer + EOS, truncation=True, max_length=L)."""
+    full = encode_for_training(tok, Q1, chat_template=False)
+    n_prompt = full["labels"].count(-100)
+    for length in (n_prompt + 1, n_prompt + 3, len(full["input_ids"]) - 1):
+        cut = encode_for_training(tok, Q1, chat_template=False, max_length=length, truncate=True)
+        assert cut["input_ids"] == full["input_ids"][:length] and cut["labels"] == full["labels"][:length]
+        official = tok(Q1.prompt + Q1.completion + tok.eos_token, add_special_tokens=False, truncation=True,
+                       max_length=length)["input_ids"]
+        assert cut["input_ids"] == official
+    assert encode_for_training(tok, Q1, chat_template=False, max_length=len(full["input_ids"]), truncate=True) == full
+    with pytest.raises(ExampleTooLongError, match=f"{n_prompt}-token prompt >= max_length={n_prompt}"):
+        encode_for_training(tok, Q1, chat_template=False, max_length=n_prompt, truncate=True)
+    # token counts (prompt + completion): Q1 24 + 21, Q2 40 + 19, Q3 19 + 23
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.prompts"):
+        kept = encode_examples(tok, [Q3, Q1, Q2], chat_template=False, max_length=42, truncate=True, drop_long=True)
+    assert len(kept) == 3 and kept.dropped == 0 and kept.truncated == 2 and "Truncated 2 of 3" in caplog.text
+    assert [len(e["input_ids"]) for e in kept] == [42, 42, 42]  # Q3 whole; Q1 and Q2 cut (Q2 keeps 2 answer tokens)
+    kept = encode_examples(tok, [Q3, Q1, Q2], chat_template=False, max_length=40, truncate=True, drop_long=True)
+    assert len(kept) == 2 and kept.dropped == 1 and kept.truncated == 2  # Q2's prompt alone fills 40 tokens
+    with pytest.raises(ExampleTooLongError, match="Example 2 has a 40-token prompt"):
+        encode_examples(tok, [Q3, Q1, Q2], chat_template=False, max_length=40, truncate=True)
+
+
+def test_gsm8k_training_text_is_the_official_codes(tok, tmp_path):
+    """Plain mode trains on the official code's GSM8K text: "Question: {q}\\nAnswer: {answer}" + EOS."""
+    import json
+
+    row = {"question": "Tom has 3 apples. He gets 4 more. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (example,) = load_examples(DataConfig(dataset="gsm8k", data_path=str(tmp_path / "train.jsonl")), "test")
+    ids = encode_for_training(tok, example, chat_template=False, max_length=512, truncate=True)["input_ids"]
+    assert tok.decode(ids) == f"Question: {row['question']}\nAnswer: {row['answer']}" + tok.eos_token
 
 
 def test_collator_right_pads():

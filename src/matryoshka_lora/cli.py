@@ -4,6 +4,7 @@ dataclasses (their help text is the --help text), so the CLI holds no logic of i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import types
@@ -58,19 +59,46 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     hints = {s: typing.get_type_hints(cls) for s, cls in SECTIONS.items()}
     for key, (section, f) in flat_fields().items():
         kwargs = _option_kwargs(f.name, hints[section][f.name])
-        default = f.default if f.default is not __import__("dataclasses").MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         groups[section].add_argument("--" + key.replace("_", "-"), dest=key, default=argparse.SUPPRESS,
                                      help=f"{f.metadata.get('help', '')} (default: {default})", **kwargs)
     parser.add_argument("--config", type=Path, help="YAML file with the same keys as these flags; flags override it.")
 
 
-def run_config(args):
-    """RunConfig from YAML (if --config) overridden by the flags given on the command line."""
-    from .experiment import RunConfig, flat_fields, load_yaml
+def _options(args) -> dict:
+    """Flat options: the YAML file (if --config) overridden by the flags given on the command line;
+    a --lr flag replaces the file's grid for its method only."""
+    from .comparison import COMPARE_KEYS
+    from .experiment import flat_fields, load_yaml
 
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in vars(args).items() if k in flat_fields()})
-    return RunConfig.from_flat(values)
+    given = vars(args)
+    values.update({k: v for k, v in given.items() if k in flat_fields() or (k in COMPARE_KEYS and k != "lr")})
+    if given.get("lr"):
+        values["lr"] = {**(values.get("lr") or {}), **_parse_lrs(given["lr"])}
+    return values
+
+
+def run_config(args):
+    """RunConfig from YAML (if --config) overridden by the flags given on the command line.
+
+    A config written for `mlora compare` may also hold its methods, lr grids and seeds: one run
+    does not use them, and a warning names the values it uses instead.
+    """
+    from .comparison import COMPARE_KEYS
+    from .experiment import RunConfig
+
+    values = _options(args)
+    ignored = sorted(k for k in COMPARE_KEYS if k in values)
+    for key in ignored:
+        values.pop(key)
+    run = RunConfig.from_flat(values)
+    if ignored:
+        logging.getLogger("matryoshka_lora.cli").warning(
+            "%s: %s are `mlora compare` options; `mlora %s` runs one adapter with method=%s, learning_rate=%g, seed=%d "
+            "(set them with --method, --learning-rate, --seed).", args.config, ", ".join(ignored), args.command,
+            run.adapter.method, run.train.learning_rate, run.train.seed)
+    return run
 
 
 def _train(args):
@@ -122,11 +150,11 @@ def _parse_lrs(items: list[str] | None) -> dict[str, list[float]]:
 
 
 def _compare(args):
-    from .experiment import compare
+    from .comparison import compare, split_options
     from .report import markdown_table
 
-    run = run_config(args)
-    results = compare(run, args.methods, _parse_lrs(args.lr), args.out)
+    run, config = split_options(_options(args))
+    results = compare(run, config, args.out)
     print(markdown_table(results))
     print("Written: " + ", ".join(results["paths"].values()))
 
@@ -138,9 +166,15 @@ def _demo(args):
 
 
 def _compare_options(p):
-    p.add_argument("--methods", type=_parse_list(str), default=["lora", "dylora", "matryoshka"], help="Methods to train (default: lora,dylora,matryoshka).")
-    p.add_argument("--lr", action="append", metavar="METHOD=LR[,LR..]",
-                   help="Per-method learning rate, or a grid picked by validation AURAC; repeatable.")
+    from .comparison import CompareConfig
+
+    g = p.add_argument_group("compare options (also YAML keys)")
+    for f in dataclasses.fields(CompareConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = ({"action": "append", "metavar": "METHOD=LR[,LR..]"} if f.name == "lr"
+                  else _option_kwargs(f.name, typing.get_type_hints(CompareConfig)[f.name]))
+        g.add_argument("--" + f.name, dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {default})", **kwargs)
     p.add_argument("--out", type=Path, default=None, help="Output directory (default: --output-dir).")
 
 

@@ -12,6 +12,7 @@ from .weighting import check_schedule, default_ranks
 
 CONFIG_NAME = "matryoshka_config.json"
 INITS = ("peft", "paper")
+DYLORA_DRAWS = ("step", "micro_batch")
 
 
 @dataclass
@@ -43,7 +44,16 @@ class MatryoshkaConfig:
                           "random from the rest (the same on every process); a step then costs ranks_per_step LoRA "
                           "steps instead of |S|. Default: all of S (the exact objective)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed for the DyLoRA rank draws (one draw per optimizer step, same on every process)."})
+    seed: int = field(default=0, metadata={"help": "Seed for the DyLoRA rank draws (a pure function of the seed and the step, "
+                                                   "so every process draws the same rank)."})
+    dylora_draw: str = field(
+        default="step",
+        metadata={"help": "dylora only (other methods ignore it): when the rank is redrawn. step: one rank per optimizer "
+                          "step, shared by all its micro-batches (SPEC Eq. 2) | micro_batch: one rank per micro-batch, "
+                          "as the official code draws inside compute_loss (with gradient_accumulation_steps > 1 one "
+                          "update then mixes ranks). Either way the draw is a pure function of (seed, step, "
+                          "micro-batch index), so data-parallel processes agree and a resumed run repeats the draws."},
+    )
     target_modules: list[str] | str = field(
         default="all-linear",
         metadata={"help": "Modules to adapt, as in PEFT: 'all-linear', a list of names like ['q_proj','v_proj'], or a regex."},
@@ -86,6 +96,8 @@ class MatryoshkaConfig:
             problems.append(str(e).split("\n", 1)[1])
         if self.init not in INITS:
             problems.append(f"  - Unknown init {self.init!r}. Available: {', '.join(INITS)}.")
+        if self.dylora_draw not in DYLORA_DRAWS:
+            problems.append(f"  - Unknown dylora_draw {self.dylora_draw!r}. Available: {', '.join(DYLORA_DRAWS)}.")
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             problems.append(f"  - lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         if self.ranks_per_step is not None:

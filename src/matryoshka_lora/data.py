@@ -7,7 +7,10 @@ Sources (`DataConfig.dataset`):
   file) or `hub:openai/gsm8k` through `datasets`. Formatted exactly like lm-eval's gsm8k task:
   prompt `Question: {question}\\nAnswer:`, completion `" " + answer`.
 - a `.jsonl` / `.json` (list of objects) / `.csv` file, or `hub:<name>[:<config>]`, with the
-  columns named in the config.
+  columns named in the config. `prompt_format="platypus"` builds the prompt as the official
+  MatryoshkaLoRA code does for Open-Platypus (`platypus_prompt`):
+  `### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n`, the Input
+  block only when the input is non-empty.
 
 Boundary rule: the completion is used exactly as stored (a leading space is neither added nor
 removed for your own files) and `prompt + completion` is the training text in plain mode.
@@ -42,6 +45,7 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv")
 GSM8K_ENV = "MLORA_GSM8K_DIR"
 GSM8K_HUB = "hub:openai/gsm8k"
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1000, 500  # sizes used when num_train / num_eval is None
+PROMPT_FORMATS = ("column", "platypus")
 
 
 @dataclass
@@ -98,6 +102,13 @@ class DataConfig:
         metadata={"help": "Your own files: column with the completion, used as-is: no space is added between prompt "
                           "and completion (e.g. 'output'). Multiple-choice rows without it train on ' ' + the right choice."},
     )
+    prompt_format: str = field(
+        default="column",
+        metadata={"help": "Your own files: column (the prompt column as-is) | platypus (the official MatryoshkaLoRA "
+                          "code's Open-Platypus prompt: '### Instruction:\\n{prompt column}\\n\\n### Input:\\n"
+                          "{input column}\\n\\n### Response:\\n', the Input block only when the input is non-empty)."},
+    )
+    input_column: str = field(default="input", metadata={"help": "prompt_format=platypus: column with the optional input (may be empty or missing per row)."})
     answer_column: str | None = field(default=None, metadata={"help": "Your own files: column with the gold final answer for exact match (optional)."})
     choices_column: str | None = field(
         default=None,
@@ -148,7 +159,12 @@ class DataConfig:
             problems.append(f"data_path is only read for dataset='gsm8k'; for your own data set dataset={self.data_path!r}.")
         if self.test_file is not None and not (isinstance(self.test_file, str) and _is_file_source(self.test_file)):
             problems.append(f"test_file={self.test_file!r} must be a {'/'.join(FILE_SUFFIXES)} file.")
-        for name in ("prompt_column", "completion_column"):
+        if self.prompt_format not in PROMPT_FORMATS:
+            problems.append(f"Unknown prompt_format {self.prompt_format!r}. Available: {', '.join(PROMPT_FORMATS)}.")
+        elif self.prompt_format != "column" and d in SOURCES:
+            problems.append(f"prompt_format={self.prompt_format!r} is for your own files and hub datasets; "
+                            f"dataset={d!r} has its own prompt format. Remove prompt_format.")
+        for name in ("prompt_column", "completion_column", "input_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 problems.append(f"{name}={getattr(self, name)!r} must be a column name.")
         for name in ("answer_column", "choices_column", "label_column"):
@@ -311,8 +327,20 @@ def _gsm8k_example(row: dict, config: DataConfig) -> Example:
     return Example(prompt=f"Question: {question}\nAnswer:", completion=" " + answer, answer=normalize(answer))
 
 
+def platypus_prompt(instruction: str, input: str | None = None) -> str:
+    """The official MatryoshkaLoRA code's Open-Platypus prompt; the Input block only for a non-empty input."""
+    if input is not None and input.strip():
+        return f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    return f"### Instruction:\n{instruction}\n\n### Response:\n"
+
+
 def _file_example(row: dict, config: DataConfig) -> Example:
     prompt = _text(row, config.prompt_column)
+    if config.prompt_format == "platypus":
+        extra = row.get(config.input_column)
+        if extra is not None and not isinstance(extra, str):
+            raise _RowError(f"column {config.input_column!r} must be a string, got {type(extra).__name__} ({extra!r})")
+        prompt = platypus_prompt(prompt, extra)
     choices = label = None
     if config.choices_column is not None:
         choices, label = _choices(row, config)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .experiment import RunConfig, compare
+from .comparison import CompareConfig, compare
+from .experiment import RunConfig
 from .report import markdown_table
 
 DEMO = dict(
@@ -31,7 +32,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
     """
     settings = {**DEMO, **(QUICK if quick else {}), "output_dir": str(out_dir)}
     start = time.perf_counter()
-    results = compare(RunConfig.from_flat(settings), ("lora", "dylora", "matryoshka"), DEMO_LRS, out_dir)
+    results = compare(RunConfig.from_flat(settings), CompareConfig(methods=["lora", "dylora", "matryoshka"], lr=DEMO_LRS),
+                      out_dir)
     minutes = (time.perf_counter() - start) / 60
     print()
     print(markdown_table(results))

@@ -1,4 +1,4 @@
-"""The main job: train an adapter, evaluate it at every rank, compare methods, and the demo.
+"""The main job: train an adapter, evaluate it at every rank, allocate per-layer ranks.
 
 Each function takes a `RunConfig` (model, data, adapter, training and evaluation sections). The
 CLI and YAML configs use flat keys (`learning_rate`, `r`, `dataset`, ...) that map to one section
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +22,8 @@ from .model import get_controller
 from .models import load_model
 from .prompts import encode_examples, make_collator
 from .report import method_summary, write_results
-from .saving import atomic_write_text, load_matryoshka_model
-from .training import TrainConfig, latest_checkpoint, train_adapter
-
-log = logging.getLogger(__name__)
+from .saving import load_matryoshka_model
+from .training import TrainConfig, train_adapter
 
 
 @dataclass
@@ -39,7 +35,13 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 | bfloat16 | float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub. Off unless you trust the source."})
     chat_template: bool = field(default=True, metadata={"help": "Format prompts with the tokenizer's chat template when it has one."})
-    max_length: int = field(default=512, metadata={"help": "Longest training/eval sequence in tokens; longer examples are an error."})
+    max_length: int = field(default=512, metadata={"help": "Longest training/eval sequence in tokens; longer examples are an error unless truncation is on."})
+    truncation: bool = field(
+        default=False,
+        metadata={"help": "Cut examples longer than max_length to their first max_length tokens (the end of the "
+                          "completion and EOS are cut), as the official code does at 512, instead of stopping with "
+                          "an error; examples whose prompt alone fills max_length are left out. Both counts are "
+                          "logged (training and the loss metric)."})
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": MatryoshkaConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -121,7 +123,8 @@ def load_yaml(path: str | Path) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def _load(run: RunConfig):
+def load_model_for(run: RunConfig):
+    """The base model and tokenizer named by `run.model`."""
     m = run.model
     return load_model(m.model, m.gguf_file, m.dtype, m.trust_remote_code)
 
@@ -133,10 +136,12 @@ def train(run: RunConfig, model=None, tokenizer=None):
         `training.TrainResult` (adapter in `<output_dir>/adapter`).
     """
     if model is None:
-        model, tokenizer = _load(run)
+        model, tokenizer = load_model_for(run)
     examples = load_examples(run.data, "train")
-    encoded = encode_examples(tokenizer, examples, run.model.chat_template, run.model.max_length)
-    meta = {"model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data), "n_train": len(encoded)}
+    encoded = encode_examples(tokenizer, examples, run.model.chat_template, run.model.max_length,
+                              drop_long=run.model.truncation, truncate=run.model.truncation)
+    meta = {"model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data), "n_train": len(encoded),
+            "n_truncated": encoded.truncated, "n_dropped_long": encoded.dropped}
     return train_adapter(model, tokenizer, encoded, run.adapter, run.train, collator=make_collator(tokenizer),
                          extra_metadata=meta)
 
@@ -157,13 +162,13 @@ def evaluate(run: RunConfig, adapter_dir: str | Path | None = None, split: str =
         A results dict (schema in `report.py`).
     """
     if model is None:
-        base, tokenizer = _load(run)
+        base, tokenizer = load_model_for(run)
         model = load_matryoshka_model(base, adapter_dir)
     controller = get_controller(model)
     examples = load_examples(run.data, split)
     shots = fewshot_examples(run.data, run.eval.num_fewshot) if run.eval.num_fewshot else []
     sweep = evaluate_ranks(model, tokenizer, examples, run.eval, shots, run.model.chat_template, run.model.max_length,
-                           keep_items=keep_items)
+                           keep_items=keep_items, truncate=run.model.truncation)
     entry = method_summary(sweep["per_rank"], sweep["metric"])
     entry.update(r=controller.config.r, adapter=str(adapter_dir) if adapter_dir else None,
                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad) or _adapter_params(model),
@@ -181,90 +186,6 @@ def evaluate(run: RunConfig, adapter_dir: str | Path | None = None, split: str =
 
 def _adapter_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-
-
-def _lr_tag(lr: float) -> str:
-    return f"lr{lr:g}"
-
-
-def compare(run: RunConfig, methods=("lora", "dylora", "matryoshka"), learning_rates: dict[str, list[float]] | None = None,
-            out_dir: str | Path | None = None) -> dict:
-    """`mlora compare`: train each method on the same data/seed/steps, evaluate every rank, one table.
-
-    With several learning rates for a method, every run is scored on the validation split and
-    the best by AURAC is then scored on the test split (the paper picks runs by AURAC). Finished
-    runs are reused from their `eval_<split>.json`, so an interrupted compare resumes where it stopped.
-
-    Args:
-        run: Shared settings (model, data, rank schedule, steps, seed).
-        methods: Methods to train, e.g. ("lora", "dylora", "matryoshka").
-        learning_rates: Per method, one learning rate or a grid; default run.train.learning_rate.
-        out_dir: Output root (default run.train.output_dir): `<method>/lr<lr>/` per run, results.* on top.
-
-    Returns:
-        Combined results (schema in `report.py`), also written as results.json/.md/.png.
-    """
-    out = Path(out_dir or run.train.output_dir)
-    learning_rates = learning_rates or {}
-    shared = _Shared(run)
-    combined = {"metric": None, "split": "test", "ranks": None, "base": None, "methods": {},
-                "config": {"run": _jsonable(run.to_flat()), "methods": list(methods), "learning_rates": learning_rates}}
-    started = time.perf_counter()
-    for method in methods:
-        grid = list(learning_rates.get(method) or [run.train.learning_rate])
-        split = "validation" if len(grid) > 1 else "test"
-        scored = [(lr, _train_and_eval(shared, run, method, lr, out, split)) for lr in grid]
-        best_lr, best = max(scored, key=lambda c: c[1]["methods"][method]["aurac"])
-        if split == "validation":
-            best = _train_and_eval(shared, run, method, best_lr, out, "test")
-        entry = dict(best["methods"][method], learning_rate=best_lr)
-        if len(grid) > 1:
-            entry["grid"] = [{"learning_rate": lr, "validation_aurac": r["methods"][method]["aurac"]} for lr, r in scored]
-        combined["methods"][method] = entry
-        combined["metric"], combined["ranks"] = best["metric"], best["ranks"]
-        combined["base"] = combined["base"] or best.get("base")
-    combined["timings"] = {"seconds": time.perf_counter() - started}
-    combined["paths"] = {k: str(v) for k, v in write_results(combined, out).items()}
-    return combined
-
-
-class _Shared:
-    """One base model for all runs of a compare, loaded on first use."""
-
-    def __init__(self, run: RunConfig):
-        self.run, self.model, self.tokenizer, self.base_done = run, None, None, False
-
-    def get(self):
-        if self.model is None:
-            self.model, self.tokenizer = _load(self.run)
-        return self.model, self.tokenizer
-
-
-def _train_and_eval(shared: _Shared, run: RunConfig, method: str, lr: float, out: Path, split: str) -> dict:
-    run_dir = out / method / _lr_tag(lr)
-    cached = run_dir / f"eval_{split}.json"
-    if cached.is_file():
-        log.info("Reusing finished run %s (%s)", run_dir, cached.name)
-        res = json.loads(cached.read_text())
-        shared.base_done |= split == "test" and res.get("base") is not None
-        return res
-    with_base = split == "test" and not shared.base_done  # rank 0 is the same for every method: score it once
-    resume = latest_checkpoint(run_dir / "checkpoints") is not None  # a run killed mid-training continues
-    sub = run.replace(method=method, learning_rate=lr, output_dir=str(run_dir), include_base=with_base, resume=resume)
-    base, tokenizer = shared.get()
-    if (run_dir / "adapter" / "matryoshka_config.json").is_file():
-        model = load_matryoshka_model(base, run_dir / "adapter")
-    else:
-        model = train(sub, base, tokenizer).model
-    res = evaluate(sub, run_dir / "adapter", split, model=model, tokenizer=tokenizer, method_name=method)
-    atomic_write_text(cached, json.dumps(res, indent=1) + "\n")
-    shared.model = model.unload()  # the base model without adapter layers, for the next run
-    shared.base_done |= with_base
-    return res
-
-
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=str))
 
 
 def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bool = False,
@@ -297,7 +218,7 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bo
                          "for the whole budget curve.")
     if not isinstance(num_calibration, int) or num_calibration < 1:
         raise ValueError(f"num_calibration={num_calibration!r} must be a positive integer, e.g. 64.")
-    base, tokenizer = _load(run)
+    base, tokenizer = load_model_for(run)
     model = load_matryoshka_model(base, adapter_dir)
     m = run.model
     calibration = load_examples(dataclasses.replace(run.data, num_eval=num_calibration), "validation")

@@ -91,18 +91,21 @@ class RankController:
             self._cache = {k: v for k, v in self._cache.items() if k[0][0] != "rows"}
         self._mode = mode
 
-    def draw(self, step: int | None = None) -> int | None:
+    def draw(self, step: int | None = None, micro_batch: int | None = None) -> int | None:
         """DyLoRA: draw the rank for optimizer step `step` (one draw for the whole model).
 
-        The draw is a pure function of (seed, step), so every data-parallel process draws
-        the same k and a resumed run repeats the draws of the run it continues.
+        With `micro_batch` (config.dylora_draw = "micro_batch") the draw is for that micro-batch
+        of the step instead. The draw is a pure function of (seed, step[, micro_batch]), so every
+        data-parallel process draws the same k and a resumed run repeats the draws of the run it
+        continues.
         """
         if self.config.method != "dylora":
             return None
         if step is None:
             step = self._draws
         self._draws = step + 1
-        self.training_k = random.Random(f"{self.config.seed}:{step}").choice(self.config.ranks)
+        key = f"{self.config.seed}:{step}" if micro_batch is None else f"{self.config.seed}:{step}:{micro_batch}"
+        self.training_k = random.Random(key).choice(self.config.ranks)
         return self.training_k
 
     def step_ranks(self, step: int) -> list[int]:
@@ -262,9 +265,10 @@ def set_row_ranks(model: torch.nn.Module, ranks: Sequence[int] | torch.Tensor | 
     return _Restore(controller, previous)
 
 
-def draw_rank(model: torch.nn.Module, step: int | None = None) -> int | None:
-    """DyLoRA: draw this optimizer step's rank for the whole model; returns it (None for other methods)."""
-    return get_controller(model).draw(step)
+def draw_rank(model: torch.nn.Module, step: int | None = None, micro_batch: int | None = None) -> int | None:
+    """DyLoRA: draw the rank of optimizer step `step` (or of its micro-batch `micro_batch`) for the
+    whole model; returns it (None for other methods)."""
+    return get_controller(model).draw(step, micro_batch)
 
 
 @torch.no_grad()

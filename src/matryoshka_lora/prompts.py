@@ -104,7 +104,7 @@ def _completion_text(tokenizer, example: Example, prompt: str, chat: bool) -> tu
 
 
 def encode_for_training(tokenizer, example: Example, chat_template: bool = True, max_length: int | None = None,
-                        index: int | None = None) -> dict[str, list[int]]:
+                        index: int | None = None, truncate: bool = False) -> dict[str, list[int]]:
     """Token ids and labels for one training example; the loss covers the completion only.
 
     The boundary is exact: prompt and prompt+completion are tokenized, and if the prompt's ids
@@ -117,15 +117,19 @@ def encode_for_training(tokenizer, example: Example, chat_template: bool = True,
         tokenizer: a Hugging Face tokenizer.
         example: the prompt/completion pair.
         chat_template: chat format if the tokenizer has a template (see `build_prompt`).
-        max_length: longest allowed sequence; longer examples raise instead of being cut.
+        max_length: longest allowed sequence; longer examples raise, unless `truncate`.
         index: the example's position, named in the error.
+        truncate: keep the first `max_length` tokens of a longer example instead (the end of the
+            completion and its EOS are cut, as a tokenizer's right-side truncation does). An
+            example whose prompt alone fills `max_length` still raises: nothing would be learnt.
 
     Returns:
         `input_ids`, `attention_mask`, `labels`: lists of length T; `labels` is -100 on the
         prompt tokens and equals `input_ids` elsewhere.
 
     Raises:
-        ExampleTooLongError: the example has more than `max_length` tokens.
+        ExampleTooLongError: the example has more than `max_length` tokens (with `truncate`: its
+            prompt alone has `max_length` or more).
     """
     chat = use_chat_template(tokenizer, chat_template)
     prompt = build_prompt(tokenizer, example, (), chat)
@@ -142,41 +146,64 @@ def encode_for_training(tokenizer, example: Example, chat_template: bool = True,
     n_prompt = len(prompt_ids)
     if max_length is not None and len(ids) > max_length:
         where = f"Example {index}" if index is not None else "An example"
-        raise ExampleTooLongError(
-            f"{where} has {len(ids)} tokens ({n_prompt} prompt + {len(ids) - n_prompt} completion) > max_length={max_length}; "
-            "raise max_length, or drop long examples with drop_long=True.")
+        if truncate and n_prompt < max_length:
+            ids = ids[:max_length]
+        elif truncate:
+            raise ExampleTooLongError(f"{where} has a {n_prompt}-token prompt >= max_length={max_length}, so truncation "
+                                      "leaves no completion token to learn; raise max_length.")
+        else:
+            raise ExampleTooLongError(
+                f"{where} has {len(ids)} tokens ({n_prompt} prompt + {len(ids) - n_prompt} completion) > max_length="
+                f"{max_length}; raise max_length, cut it with truncation=True, or drop long examples with drop_long=True.")
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
 
 
 class EncodedExamples(list):
-    """Encoded training features plus `dropped`: how many examples were over `max_length`."""
+    """Encoded training features plus `dropped` (examples over `max_length` left out) and
+    `truncated` (examples cut to `max_length`)."""
 
-    def __init__(self, items=(), dropped: int = 0):
+    def __init__(self, items=(), dropped: int = 0, truncated: int = 0):
         super().__init__(items)
         self.dropped = dropped
+        self.truncated = truncated
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], chat_template: bool = True, max_length: int | None = None,
-                    drop_long: bool = False) -> EncodedExamples:
+                    drop_long: bool = False, truncate: bool = False) -> EncodedExamples:
     """`encode_for_training` over a dataset; a list the HF Trainer takes as `train_dataset`.
 
     Args:
         drop_long: skip (and count, in `.dropped`, and log) examples over `max_length`
-            instead of raising on the first one. Nothing is ever truncated.
+            instead of raising on the first one.
+        truncate: cut examples over `max_length` to their first `max_length` tokens (counted in
+            `.truncated`, and logged); with `drop_long`, examples whose prompt alone fills
+            `max_length` are dropped, else they raise.
     """
-    out, dropped = [], 0
+    out, dropped, truncated = [], 0, 0
     for i, example in enumerate(examples):
         try:
             out.append(encode_for_training(tokenizer, example, chat_template, max_length, index=i))
+            continue
         except ExampleTooLongError:
-            if not drop_long:
+            if not (truncate or drop_long):
                 raise
-            dropped += 1
+        if truncate:
+            try:
+                out.append(encode_for_training(tokenizer, example, chat_template, max_length, index=i, truncate=True))
+                truncated += 1
+                continue
+            except ExampleTooLongError:
+                if not drop_long:
+                    raise
+        dropped += 1
     if dropped:
         logger.warning("Dropped %d of %d examples longer than max_length=%s (drop_long=True).", dropped, len(examples), max_length)
+    if truncated:
+        logger.warning("Truncated %d of %d examples to max_length=%s tokens (truncation=True).", truncated, len(examples),
+                       max_length)
     if not out:
         raise ValueError(f"No training examples left: all {len(examples)} are longer than max_length={max_length}; raise it.")
-    return EncodedExamples(out, dropped)
+    return EncodedExamples(out, dropped, truncated)
 
 
 @dataclass

@@ -16,6 +16,10 @@ Schema (`results.json`), shared by `mlora eval`, `mlora compare`, the lm-eval pa
       },
       "config": {...}, "timings": {...}
     }
+
+`mlora compare` with two or more seeds stores means in these fields, each with a `<name>_std`
+companion (`"exact_match_strict_std"` per rank, `"aurac_std"`, `"log_aurac_std"`) and the list
+`"seeds"`; the table then shows `mean ± std`.
 """
 
 from __future__ import annotations
@@ -55,14 +59,27 @@ def markdown_table(results: dict, metric: str | None = None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["methods"].items():
         cells = [name, _fmt(base.get(metric))]
-        cells += [_fmt(m["per_rank"].get(str(k), {}).get(metric)) for k in ranks]
-        cells += [_fmt(m.get("aurac")), _fmt(m.get("log_aurac"))]
+        cells += [_fmt_std(m["per_rank"].get(str(k), {}), metric) for k in ranks]
+        cells += [_fmt_std(m, "aurac"), _fmt_std(m, "log_aurac")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nMetric: {metric}" + (" (percent)" if _is_percent(metric) else "") + "\n"
+    seeds = {len(m["seeds"]) for m in results["methods"].values() if len(m.get("seeds") or []) > 1}
+    note = f"; mean ± std over {'/'.join(map(str, sorted(seeds)))} seeds" if seeds else ""
+    return "\n".join(lines) + f"\n\nMetric: {metric}" + (" (percent)" if _is_percent(metric) else "") + note + "\n"
+
+
+def _fmt_std(d: dict, key: str) -> str:
+    """`mean ± std` when `d` holds `<key>_std` (several seeds), else the value alone."""
+    std = d.get(f"{key}_std")
+    return _fmt(d.get(key)) + (f" ± {std:.2f}" if std is not None else "")
 
 
 def _is_percent(metric: str) -> bool:
     return not any(t in metric for t in ("loss", "perplexity"))
+
+
+def higher_is_better(metric: str) -> bool:
+    """Accuracies: yes; losses and perplexities (so their AURAC too): no."""
+    return _is_percent(metric)
 
 
 def _fmt(v) -> str:

@@ -7,8 +7,10 @@ at its staging directory), nothing else of its loop:
   losses, at |S| times the compute. With `ranks_per_step = n` it stacks n copies: the largest
   rank plus n - 1 drawn from the rest of S per step (a pure function of (seed, step)).
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
-  under gradient accumulation). The draw is a pure function of (seed, global_step), so every
-  data-parallel process and every resumed run draws the same rank.
+  under gradient accumulation), or with `dylora_draw="micro_batch"` one per micro-batch (again
+  at `on_substep_end`, after each micro-batch but the step's last). The draw is a pure function
+  of (seed, global_step[, micro-batch index]), so every data-parallel process and every resumed
+  run draws the same rank.
 - `training_step`: a NaN/inf loss stops the run at once, with the step number, before the
   optimizer applies it (the Trainer would otherwise replace it by an average and go on).
 - `_save_checkpoint`: checkpoints are written into `checkpoints/.saving/` and renamed into
@@ -149,11 +151,13 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class MatryoshkaCallback(TrainerCallback):
-    """DyLoRA: one rank draw per optimizer step, recorded for logs, checkpoints and tests; adapter
-    snapshots along the way and an early stop that keeps the schedule (`TrainConfig`)."""
+    """DyLoRA: one rank draw per optimizer step (or per micro-batch), recorded for logs, checkpoints and
+    tests; adapter snapshots along the way and an early stop that keeps the schedule (`TrainConfig`)."""
 
     def __init__(self, snapshot_dir: Path | None = None, snapshot_steps=(), stop_after: int = 0):
-        self.draws: list[tuple[int, int]] = []  # (global_step, k)
+        # (global_step, k); with dylora_draw="micro_batch": (global_step, micro-batch index, k)
+        self.draws: list[tuple[int, ...]] = []
+        self._micro = 0
         self.snapshot_dir, self.snapshot_steps, self.stop_after = snapshot_dir, set(snapshot_steps or ()), stop_after
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -164,10 +168,20 @@ class MatryoshkaCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        k = draw_rank(model, state.global_step)
+        self._micro = 0
+        self._draw(args, state.global_step, model)
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs):
+        self._micro += 1  # the Trainer calls this after every micro-batch of a step but its last
+        if get_controller(model).config.dylora_draw == "micro_batch":
+            self._draw(args, state.global_step, model)
+
+    def _draw(self, args, step: int, model) -> None:
+        micro = self._micro if get_controller(model).config.dylora_draw == "micro_batch" else None
+        k = draw_rank(model, step, micro)
         if k is not None:
-            self.draws.append((state.global_step, k))
-            log.debug("process %d, step %d: DyLoRA rank %d", args.process_index, state.global_step, k)
+            self.draws.append((step, k) if micro is None else (step, micro, k))
+            log.debug("process %d, step %d, micro-batch %s: DyLoRA rank %d", args.process_index, step, micro, k)
 
 
 def stack_for_ranks(inputs: dict, ranks) -> tuple[dict, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Final-answer extraction and exact match, mirroring lm-eval's `gsm8k` task (version 3.0).
+"""Final-answer extraction and exact match, mirroring lm-eval: its `gsm8k` task (version 3.0), and
+its generic `exact_match` metric for free-form answers (`exact_match`, `extract_answer`).
 
 The task YAML (`lm_eval/tasks/gsm8k/gsm8k.yaml`) defines two filters and one metric:
 
@@ -18,6 +19,7 @@ GSM8K answer (worked steps + `#### N`) or the bare number: `(?s).*#### ` reduces
 from __future__ import annotations
 
 import re
+import string
 
 STRICT_REGEX = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_REGEX = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -90,3 +92,30 @@ def is_correct(pred_text: str, gold: str, mode: str = "strict") -> bool:
     if pred is None:
         return False
     return normalize(pred) == normalize(gold)
+
+
+# -- free-form answers (no `#### N`) ------------------------------------------------------------
+def extract_answer(text: str, regex: str | re.Pattern) -> str | None:
+    """The answer `regex` finds in `text`, as lm-eval's regex filter takes it: the first match, its
+    first group that matched (the whole match when the regex has no group), stripped; None when
+    nothing matches.
+
+    Example: `extract_answer("so the answer is Paris.", r"answer is (\\w+)")` -> `"Paris"`.
+    """
+    return _select(re.compile(regex) if isinstance(regex, str) else regex, text, 0)
+
+
+def exact_match(pred: str, gold: str, ignore_case: bool = False, ignore_punctuation: bool = False) -> bool:
+    """lm-eval's `exact_match` metric (`exact_match_hf_evaluate`) on whitespace-stripped strings.
+
+    Both sides are stripped, then lower-cased (`ignore_case`), then stripped of
+    `string.punctuation` characters (`ignore_punctuation`), in lm-eval's order, and compared.
+    Example: `exact_match(" Paris.", "paris", ignore_case=True, ignore_punctuation=True)` -> True.
+    """
+    pred, gold = pred.strip(), gold.strip()
+    if ignore_case:
+        pred, gold = pred.lower(), gold.lower()
+    if ignore_punctuation:
+        table = str.maketrans("", "", string.punctuation)
+        pred, gold = pred.translate(table), gold.translate(table)
+    return pred == gold

@@ -1,12 +1,24 @@
-"""Generation exact match: batched greedy decoding, cut at stop strings, lm-eval gsm8k extraction."""
+"""Generation exact match: batched greedy decoding, cut at stop strings, then one of two scorings.
+
+- GSM8K style (every example has a gold answer and a completion ending in `#### N`: gsm8k,
+  arith, wordops): lm-eval gsm8k's strict-match and flexible-extract (`exact_match_strict`,
+  `exact_match_flexible`).
+- Free form (any other prompt/completion data, or whenever `answer_regex` is set): lm-eval's
+  `exact_match` of the generation against the gold (`exact_match`). The gold is the
+  `answer_column` value when the data has one, else the gold completion. With `answer_regex`
+  the answer is first extracted from the generation, and from a gold completion too (not from an
+  answer column, which already holds the bare answer).
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .extract import extract_flexible, extract_strict, is_correct
+from .extract import exact_match, extract_answer, extract_flexible, extract_strict, is_correct
 
 
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,3 +79,64 @@ def score_generations(texts: Sequence[str], golds: Sequence[str]) -> dict:
         "items": [{"strict": s, "flexible": f, "pred_strict": extract_strict(t), "pred_flexible": extract_flexible(t)}
                   for s, f, t in zip(strict, flexible, texts)],
     }
+
+
+def compile_answer_regex(answer_regex: str | None) -> re.Pattern | None:
+    """`answer_regex` compiled; a regex that does not compile is a ValueError naming it."""
+    try:
+        return re.compile(answer_regex) if answer_regex is not None else None
+    except re.error as e:
+        raise ValueError(f"answer_regex={answer_regex!r} is not a valid regular expression ({e}).") from None
+
+
+@dataclass
+class GenerationScorer:
+    """Gold answers of one evaluation set and how a generation is scored against them (module docstring)."""
+
+    golds: list[str]
+    free_form: bool
+    answer_regex: str | None = None
+    ignore_case: bool = False
+    ignore_punctuation: bool = False
+
+    @classmethod
+    def for_examples(cls, examples: Sequence, answer_regex: str | None = None, ignore_case: bool = False,
+                     ignore_punctuation: bool = False) -> GenerationScorer:
+        """Pick the scoring for `examples` (`data.Example`s) and their golds.
+
+        Raises:
+            ValueError: `answer_regex` does not compile, or finds nothing in a gold completion.
+        """
+        gsm8k = answer_regex is None and all(e.answer is not None and extract_strict(e.completion) is not None
+                                             for e in examples)
+        if gsm8k:
+            return cls([e.answer for e in examples], free_form=False)
+        pattern = compile_answer_regex(answer_regex)
+        golds = []
+        for i, e in enumerate(examples):
+            gold = e.answer if e.answer is not None else e.completion
+            if pattern is not None and e.answer is None:
+                gold = extract_answer(e.completion, pattern)
+                if gold is None:
+                    raise ValueError(f"answer_regex={answer_regex!r} finds no answer in the gold completion of example "
+                                     f"{i} ({e.completion[:80]!r}); fix the regex, or give the bare answers in a "
+                                     "column (answer_column).")
+            golds.append(gold)
+        return cls(golds, True, answer_regex, ignore_case, ignore_punctuation)
+
+    @property
+    def metric(self) -> str:
+        """The headline metric this scoring reports."""
+        return "exact_match" if self.free_form else "exact_match_strict"
+
+    def score(self, texts: Sequence[str]) -> dict:
+        """Percent scores ({metric: value}) and per-item records for generations in example order."""
+        if not self.free_form:
+            scored = score_generations(texts, self.golds)
+            return {"scores": {k: scored[k] for k in ("exact_match_strict", "exact_match_flexible")},
+                    "items": scored["items"]}
+        preds = [t if self.answer_regex is None else extract_answer(t, self.answer_regex) for t in texts]
+        correct = [p is not None and exact_match(p, g, self.ignore_case, self.ignore_punctuation)
+                   for p, g in zip(preds, self.golds)]
+        return {"scores": {"exact_match": 100.0 * sum(correct) / max(len(texts), 1)},
+                "items": [{"correct": c, "pred": p, "gold": g} for c, p, g in zip(correct, preds, self.golds)]}

@@ -237,6 +237,7 @@ def harness_sweep(
     samples_dir: str | Path | None = None,
     bootstrap_iters: int = 100000,
     max_length: int | None = None,
+    gen_kwargs: str | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval tasks at the base model and at every rank prefix of a nested adapter.
 
@@ -262,6 +263,8 @@ def harness_sweep(
         bootstrap_iters: lm-eval's bootstrap draws for stderrs of metrics such as f1 or bleu
             (means use a closed form); 0 reports no stderrs at all.
         max_length: Context length for lm-eval (default: from the model config).
+        gen_kwargs: lm-eval's generation overrides for generate_until tasks, e.g. "max_gen_toks=16"
+            (quick checks); None keeps each task's own settings.
 
     Returns:
         A results dict in `report.py`'s schema: "metric", "ranks", "base", "methods"
@@ -308,7 +311,7 @@ def harness_sweep(
                         use_cache=None, cache_requests=False,  # fresh outputs for every rank
                         log_samples=samples_dir is not None, bootstrap_iters=bootstrap_iters,
                         apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
-                        system_instruction=system_instruction,
+                        system_instruction=system_instruction, gen_kwargs=gen_kwargs,
                     )
                 if samples_dir is not None:
                     _write_samples(Path(samples_dir), label, out["samples"])
@@ -347,6 +350,7 @@ def harness_sweep(
             "apply_chat_template": apply_chat_template,
             "fewshot_as_multiturn": fewshot_as_multiturn,
             "system_instruction": system_instruction,
+            "gen_kwargs": gen_kwargs,
             "include_path": [str(p) for p in extra],
             "gsm8k_dir": str(resolve_gsm8k_dir(gsm8k_dir)) if any(t == "gsm8k_local" for t in tasks) else None,
             "model": info.get("model"),

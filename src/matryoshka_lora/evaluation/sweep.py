@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from ..model import get_controller, set_rank
-from ..prompts import build_prompt, encode_for_training, encode_prompt, stop_strings
-from .generation import generate, score_generations
+from ..prompts import build_prompt, encode_examples, encode_prompt, stop_strings
+from .generation import GenerationScorer, compile_answer_regex, generate
 from .likelihood import completion_loss, multiple_choice
 from .match import completion_match
 
@@ -34,6 +34,13 @@ class EvalConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per batch when evaluating."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length cap."})
     include_base: bool = field(default=True, metadata={"help": "Also evaluate rank 0, the base model."})
+    answer_regex: str | None = field(
+        default=None,
+        metadata={"help": "generate, free-form data: a regex whose first match (its first group, if any) is the answer, "
+                          "taken from the generation and from the gold completion, as lm-eval's regex filter "
+                          "(e.g. 'answer is (\\S+)'). Default: the whole generation against the whole gold."})
+    ignore_case: bool = field(default=False, metadata={"help": "generate, free-form data: compare answers case-insensitively (lm-eval's exact_match ignore_case)."})
+    ignore_punctuation: bool = field(default=False, metadata={"help": "generate, free-form data: drop punctuation before comparing (lm-eval's exact_match ignore_punctuation)."})
 
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -41,11 +48,13 @@ class EvalConfig:
             raise ValueError(f"Unknown metrics {unknown}. Available: {', '.join(METRICS)}")
         if self.num_fewshot < 0 or self.eval_batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("num_fewshot must be >= 0; eval_batch_size and max_new_tokens >= 1.")
+        if self.answer_regex is not None:
+            compile_answer_regex(self.answer_regex)
 
 
-def headline_metric(metrics: Sequence[str]) -> str:
+def headline_metric(metrics: Sequence[str], scorer: GenerationScorer | None = None) -> str:
     if "generate" in metrics:
-        return "exact_match_strict"
+        return scorer.metric if scorer is not None else "exact_match_strict"
     if "match" in metrics:
         return "match"
     if "mc" in metrics:
@@ -56,18 +65,17 @@ def headline_metric(metrics: Sequence[str]) -> str:
 class _Prepared:
     """Everything tokenized once for the whole sweep."""
 
-    def __init__(self, tokenizer, examples, fewshot, config: EvalConfig, chat_template: bool, max_length: int):
+    def __init__(self, tokenizer, examples, fewshot, config: EvalConfig, chat_template: bool, max_length: int,
+                 truncate: bool = False):
         self.gen = self.loss = self.mc = self.match = None
-        if "generate" in config.metrics:
-            usable = [e for e in examples if e.answer is not None]
-            if not usable:
-                raise ValueError("metric 'generate' needs examples with a gold answer (GSM8K-style '#### N'); "
-                                 "use --metrics loss for free-form completions.")
-            prompts = [build_prompt(tokenizer, e, fewshot, chat_template) for e in usable]
-            self.gen = ([encode_prompt(tokenizer, p) for p in prompts], [e.answer for e in usable])
+        if "generate" in config.metrics:  # (prompt ids, scorer): GSM8K-style or free-form exact match
+            scorer = GenerationScorer.for_examples(examples, config.answer_regex, config.ignore_case,
+                                                   config.ignore_punctuation)
+            prompts = [build_prompt(tokenizer, e, fewshot, chat_template) for e in examples]
+            self.gen = ([encode_prompt(tokenizer, p) for p in prompts], scorer)
         if "loss" in config.metrics or "match" in config.metrics:
-            encoded = [encode_for_training(tokenizer, e, chat_template=chat_template, max_length=max_length)
-                       for e in examples]
+            encoded = encode_examples(tokenizer, examples, chat_template, max_length, drop_long=truncate,
+                                      truncate=truncate)
             self.loss = encoded if "loss" in config.metrics else None
             self.match = encoded if "match" in config.metrics else None
         if "mc" in config.metrics:
@@ -82,8 +90,8 @@ def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar
     out: dict = {}
     if prep.gen is not None:
         texts = generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens, config.eval_batch_size, bar)
-        scored = score_generations(texts, prep.gen[1])
-        out.update(exact_match_strict=scored["exact_match_strict"], exact_match_flexible=scored["exact_match_flexible"])
+        scored = prep.gen[1].score(texts)
+        out.update(scored["scores"])
         out["_items"] = [dict(item, text=t) for item, t in zip(scored["items"], texts)]
     if prep.loss is not None:
         out.update(completion_loss(model, prep.loss, config.eval_batch_size))
@@ -94,7 +102,7 @@ def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar
 
 
 def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), chat_template: bool = True,
-                   max_length: int = 1024, keep_items: bool = False) -> dict:
+                   max_length: int = 1024, keep_items: bool = False, truncate: bool = False) -> dict:
     """Score a matryoshka model at each rank (and rank 0) on the same examples.
 
     Args:
@@ -105,6 +113,8 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
         fewshot: Examples shown before each prompt.
         chat_template: Format prompts with the tokenizer's chat template when it has one.
         max_length: Token cap for the loss metric's encodings.
+        truncate: Loss and match metrics: cut longer examples to max_length (and leave out those whose
+            prompt alone fills it) instead of raising, as training with `truncation` does.
         keep_items: Keep per-item generations under "items" (and per-example match flags under "match_hits").
 
     Returns:
@@ -112,7 +122,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
     """
     controller = get_controller(model)
     ranks = sorted(config.eval_ranks or controller.config.ranks)
-    prep = _Prepared(tokenizer, examples, fewshot, config, chat_template, max_length)
+    prep = _Prepared(tokenizer, examples, fewshot, config, chat_template, max_length, truncate)
     stop = stop_strings(chat_template, tokenizer)
     todo = ([0] if config.include_base else []) + ranks
     per_rank, timings, items, match_hits, match_seconds = {k: {} for k in todo}, {}, {}, {}, None
@@ -139,7 +149,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
                 items[str(k)] = item_list
             per_rank[k].update(scores)
     result = {
-        "metric": headline_metric(config.metrics),
+        "metric": headline_metric(config.metrics, prep.gen and prep.gen[1]),
         "ranks": ranks,
         "base": per_rank.pop(0) if config.include_base else None,
         "per_rank": per_rank,
