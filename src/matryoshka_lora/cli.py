@@ -66,11 +66,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def run_config(args):
     """RunConfig from YAML (if --config) overridden by the flags given on the command line."""
-    from .experiment import RunConfig, flat_fields, load_yaml
+    from .experiment import RunConfig, flat_fields, load_run_config
 
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in vars(args).items() if k in flat_fields()})
-    return RunConfig.from_flat(values)
+    flags = {k: v for k, v in vars(args).items() if k in flat_fields()}
+    return load_run_config(args.config, flags) if getattr(args, "config", None) else RunConfig.from_flat(flags)
 
 
 def _train(args):

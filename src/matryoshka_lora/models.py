@@ -51,6 +51,29 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     return model, gguf_file
 
 
+def check_model(model: str, gguf_file: str | None = None) -> None:
+    """Check what can be checked about a model without loading it (fail fast, before a slow load).
+
+    The embedded model's package must be installed; a local path (one that starts with `/`, `.`
+    or `~`, ends in `.gguf`, or has more than one `/`) must exist, and so must a GGUF file named
+    inside a local directory. A Hugging Face id (`org/name`) is left to the download.
+
+    Raises:
+        ValueError: the embedded model's package is missing.
+        FileNotFoundError: a local model path or GGUF file does not exist.
+    """
+    source, gguf = resolve(model, gguf_file)
+    if model in EMBEDDED:
+        return
+    path = Path(source).expanduser()
+    local = path.exists() or source.startswith(("/", ".", "~")) or source.endswith(".gguf") or source.count("/") > 1
+    if local and not path.exists():
+        raise FileNotFoundError(f"Model {model} not found: no such directory or file. Pass a local model directory, a "
+                                ".gguf file, a Hugging Face id such as HuggingFaceTB/SmolLM2-135M-Instruct, or smollm2-135m.")
+    if local and gguf is not None and path.is_dir() and not (path / gguf).is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} not found in {path}; check --gguf-file.")
+
+
 def _cache_dir_for(directory: str, gguf_file: str) -> Path:
     path = Path(directory) / gguf_file
     stamp = f"{path.stat().st_size}" if path.exists() else "hub"

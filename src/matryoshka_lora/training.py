@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
@@ -82,6 +83,9 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1.")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.save_steps < 0:
             problems.append("warmup_steps, weight_decay and save_steps must be >= 0.")
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            problems.append(f"Unknown lr_scheduler_type {self.lr_scheduler_type!r}. Available: {', '.join(schedulers)}.")
         if problems:
             raise ValueError("Invalid TrainConfig:\n  - " + "\n  - ".join(problems))
 
@@ -275,7 +279,7 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
 
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
-    resume = _resume_point(checkpoints, adapter, config.resume)
+    resume = resume_point(checkpoints, adapter, config.resume)
     args = config.training_arguments()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
@@ -350,7 +354,7 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
     return TrainResult(adapter_dir, peft_model, trainer.state.log_history, seconds, callback.draws)
 
 
-def _resume_point(checkpoints: Path, adapter: MatryoshkaConfig, resume: bool) -> Path | None:
+def resume_point(checkpoints: Path, adapter: MatryoshkaConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from (checked against `adapter`), or None for a fresh run."""
     last = latest_checkpoint(checkpoints)
     if not resume:
