@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,9 +22,9 @@ from matryoshka_lora.cli import main
 from matryoshka_lora.files import atomic_write_text, remove_stale_temporaries
 from matryoshka_lora.locking import OutputLocked, lock_file, output_lock
 from conftest import make_model
-from test_faults import ROOT, VICTIM, args
+from test_faults import ROOT, VICTIM, args, start_until
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
        "OMP_NUM_THREADS": "1"}
 
 # Holds the locks of the given directories (as `mlora <command>` would) until it is killed.
@@ -41,19 +40,6 @@ with contextlib.ExitStack() as stack:
 """
 
 
-def start(code: str, marker: Path, *argv) -> subprocess.Popen:
-    """A Python process running `code`; returns once it has written `marker`."""
-    proc = subprocess.Popen([sys.executable, "-c", code, str(marker), *map(str, argv)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the process ended before holding the lock:\n{proc.communicate()[0][-3000:]}")
-        time.sleep(0.1)
-    return proc
-
-
 def kill(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
@@ -64,7 +50,7 @@ def kill(proc: subprocess.Popen) -> None:
 def test_second_train_is_refused_and_a_killed_holders_lock_is_taken_over(tiny_model_dir, tmp_path, caplog):
     out = tmp_path / "run"
     argv = ["train", *args(tiny_model_dir, out, save_steps=0)]
-    holder = start(VICTIM, tmp_path / "blocked", "step", 1, *argv)  # `mlora train`, paused inside step 2
+    holder = start_until(VICTIM, tmp_path / "blocked", "step", 1, *argv)  # `mlora train`, paused inside step 2
     try:
         started = time.perf_counter()
         second = subprocess.run([sys.executable, "-m", "matryoshka_lora.cli", *argv], env=ENV, capture_output=True,
@@ -111,7 +97,7 @@ def holder(tmp_path_factory):
     """One process holding the lock of one output directory per command."""
     tmp = tmp_path_factory.mktemp("held")
     outs = {name: tmp / name.replace(" ", "_").replace("-", "") for name in COMMANDS}
-    proc = start(HOLDER, tmp / "holding", "compare", *outs.values())
+    proc = start_until(HOLDER, tmp / "holding", "compare", *outs.values())
     yield proc, outs
     kill(proc)
 
@@ -177,7 +163,7 @@ save_matryoshka(model, target)
 
 def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path, caplog):
     target = tmp_path / "adapter"
-    proc = start(KILLED_SAVE, tmp_path / "saving", target)
+    proc = start_until(KILLED_SAVE, tmp_path / "saving", target)
     kill(proc)
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter.")]
     assert len(left) == 1 and re.fullmatch(rf"\.adapter\.\w+-{proc.pid}-\w+\.tmp", left[0]), left
