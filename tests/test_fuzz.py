@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -91,11 +91,17 @@ def assert_clean(error: BaseException, *names: str) -> None:
 
 
 def outcome(fn):
-    """(result, None) or (None, error) for our clean errors; anything else propagates."""
+    """(result, None) or (None, error) for our clean errors; anything else propagates.
+
+    Counted as hypothesis events, so `--hypothesis-show-statistics` shows how many inputs loaded.
+    """
     try:
-        return fn(), None
+        result = fn()
     except CLEAN as e:
+        event(f"refused: {type(e).__name__}")
         return None, e
+    event("loaded")
+    return result, None
 
 
 def only(directory: Path, *names: str) -> None:
@@ -203,16 +209,26 @@ def test_fuzz_data_files(suffix, files, data):
         check_data_load(path, config, data.draw(st.sampled_from(["train", "test"])))
 
 
+GOOD_CHOICES = [(["a", "b"], [0, 1, "A", "b", "1"]), (["x", "y", "z"], [2, "C", " 2 "]),
+                ({"text": ["p", "q"], "label": ["P", "Q"]}, ["Q", "P", 0]), ('["u", "v"]', [1, "B"])]
+
+
 @st.composite
 def mc_rows(draw) -> bytes:
+    """Multiple-choice rows, mostly well formed (choices as a list, an ARC dict or a JSON string),
+    with random choices, labels or missing columns mixed in."""
     out = []
     for _ in range(draw(st.integers(1, 5))):
-        choices = draw(st.sampled_from([["a", "b"], ["x", "y", "z"]]) | st.builds(dumps, st.lists(texts, max_size=3))
-                       | st.fixed_dictionaries({"text": st.lists(texts, max_size=3), "label": st.lists(texts, max_size=3)})
-                       | json_values)
-        label = draw(st.integers(-1, 4) | st.sampled_from(["A", "b", "1", " 2 ", "Z", "", "10"]) | json_values)
-        row = {"prompt": draw(texts | st.just("Which?")), "choices": choices, "label": label}
-        if draw(st.booleans()):
+        choices, labels = draw(st.sampled_from(GOOD_CHOICES))
+        row = {"prompt": draw(st.just("Which?") | texts), "choices": choices, "label": draw(st.sampled_from(labels))}
+        fault = draw(st.sampled_from(["none", "none", "choices", "label", "missing"]))
+        if fault == "choices":
+            row["choices"] = draw(st.builds(dumps, st.lists(texts, max_size=3)) | json_values
+                                  | st.fixed_dictionaries({"text": st.lists(texts, max_size=3),
+                                                           "label": st.lists(texts, max_size=3)}))
+        elif fault == "label":
+            row["label"] = draw(st.integers(-1, 4) | st.sampled_from(["Z", "", "10", "b "]) | json_values)
+        elif fault == "missing":
             row.pop(draw(st.sampled_from(sorted(row))))
         out.append(row)
     return "\n".join(dumps(r) for r in out).encode()

@@ -416,8 +416,7 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bo
     paths = {k: v for k, v in curve.write(out).items()}
     for point in curve.points:
         slug = point.budget.replace(":", "-")
-        path = out / f"rank_pattern-{slug}.json"
-        path.write_text(json.dumps(point.rank_pattern, indent=1) + "\n")
+        path = atomic_write_text(out / f"rank_pattern-{slug}.json", json.dumps(point.rank_pattern, indent=1) + "\n")
         paths[f"rank_pattern {point.budget}"] = path
         if export:
             paths[f"adapter {point.budget}"] = export_rank(adapter_dir, point.rank_pattern, out / f"adapter-{slug}",

@@ -12,11 +12,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .files import new_temporary
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _as_dense(lm):
 
 def _save_atomically(lm, tok, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = new_temporary(target)  # and remove those a killed first load left (hundreds of MB each)
     try:
         lm.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

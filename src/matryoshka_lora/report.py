@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_text, read_json
 from .metrics import aurac, log_aurac
 
 
@@ -116,10 +117,8 @@ def write_results(results: dict, out_dir: str | Path, stem: str = "results") -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "table": out_dir / f"{stem}.md", "plot": out_dir / f"{stem}.png"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(paths["json"])
-    paths["table"].write_text(markdown_table(results))
+    atomic_write_text(paths["json"], json.dumps(results, indent=2) + "\n")
+    atomic_write_text(paths["table"], markdown_table(results))
     plot(results, paths["plot"])
     return paths
 
@@ -129,8 +128,6 @@ _FIX = "pass the results.json written by `mlora eval` or `mlora compare`"
 
 def load_results(path: str | Path) -> dict:
     """Read a results file (or `<dir>/results.json`) and check it against the schema above."""
-    from .files import read_json
-
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
