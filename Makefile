@@ -23,8 +23,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The long end-to-end runs, then the fuzz tests with 1,000 inputs per target instead of 40.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-profile=deep
 
 # CPU benchmark suite (under 15 minutes on 2 cores): writes benchmarks/results/cpu.json.
 bench: setup

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
@@ -16,6 +17,13 @@ VOCAB = 128
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads
 # contending with other processes make each matmul 10-20x slower.
 torch.set_num_threads(1)
+
+# Fuzz tests (test_fuzz.py): `quick` in the default suite (a fixed, small sample of inputs, so a
+# run is reproducible and takes seconds); `make test-slow` passes --hypothesis-profile=deep.
+_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("quick", max_examples=40, derandomize=True, database=None, **_FUZZ)
+settings.register_profile("deep", max_examples=1000, **_FUZZ)
+settings.load_profile("quick")
 
 
 def tiny_llama(seed: int = 0):

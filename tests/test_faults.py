@@ -81,18 +81,23 @@ sys.exit(main(argv))
 """
 
 
-def run_and_kill(tmp_path, where, at, argv):
-    marker = tmp_path / f"blocked-{where}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", VICTIM, str(marker), where, str(at), *argv], env=env,
+def start_until(code: str, marker: Path, *argv) -> subprocess.Popen:
+    """A Python process running `code` (argv: marker, *argv); returns once it has written `marker`."""
+    path = [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(marker), *map(str, argv)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"the run ended before reaching the kill point:\n{proc.communicate()[0][-3000:]}")
+            pytest.fail(f"the process ended before reaching its marker:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.2)
+    return proc
+
+
+def run_and_kill(tmp_path, where, at, argv):
+    proc = start_until(VICTIM, tmp_path / f"blocked-{where}", where, at, *argv)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL

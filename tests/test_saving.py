@@ -126,6 +126,64 @@ def test_load_refuses_config_edited_after_saving(tmp_path, change):
     load_matryoshka_model(BUILDERS["llama"](0), d)
 
 
+def _edit_peft_config(directory, **changes):
+    cfg = json.loads((directory / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("alpha", [7, 16.0, "8", None])
+def test_lora_alpha_other_than_r_is_refused(tmp_path, alpha):
+    """The decision for lora_alpha: save writes lora_alpha = r (PEFT's own scale 1; the rank scales
+    live in matryoshka_config.json), and anything else is refused by load, export and fold alike,
+    since export would otherwise replace it silently."""
+    from matryoshka_lora import export_rank, fold_adapter
+
+    d = _saved(tmp_path)
+    assert json.loads((d / "adapter_config.json").read_text())["lora_alpha"] == 8
+    _edit_peft_config(d, lora_alpha=alpha)
+    message = rf"adapter_config.json: lora_alpha is {alpha!r}; a nested adapter is saved with lora_alpha = r = 8"
+    for use in (lambda: load_matryoshka_model(BUILDERS["llama"](0), d), lambda: export_rank(d, 4, tmp_path / "x"),
+                lambda: fold_adapter(d, tmp_path / "f")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            use()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+    _edit_peft_config(d, lora_alpha=8.0)  # the same number
+    load_matryoshka_model(BUILDERS["llama"](0), d)
+
+
+def test_peft_fields_a_nested_adapter_does_not_use_are_not_read(tmp_path, input_ids):
+    """Bookkeeping fields of adapter_config.json that PEFT would act on (and often crash on when
+    damaged) are rebuilt from the rank schedule: the adapter loads and exports as saved."""
+    from matryoshka_lora import export_rank
+
+    d = _saved(tmp_path)
+    clean = logits_at_ranks(load_matryoshka_model(BUILDERS["llama"](0), d), input_ids, [None, 1, 8])
+    export_rank(d, 4, tmp_path / "clean")
+    _edit_peft_config(d, trainable_token_indices=[1000], target_parameters=True, megatron_config=True, bias="all",
+                      layers_to_transform=[7], init_lora_weights="?", task_type="NOT_A_TASK", lora_dropout="x")
+    damaged = logits_at_ranks(load_matryoshka_model(BUILDERS["llama"](0), d), input_ids, [None, 1, 8])
+    for k in clean:
+        torch.testing.assert_close(damaged[k], clean[k], atol=0, rtol=0)
+    export_rank(d, 4, tmp_path / "damaged")
+    assert (json.loads((tmp_path / "damaged" / "adapter_config.json").read_text())
+            == json.loads((tmp_path / "clean" / "adapter_config.json").read_text()))
+
+
+def test_mistyped_target_modules_is_a_clear_error_in_export(tmp_path, capsys):
+    """The report in issue 18: target_modules [1, "a", null] made `mlora export` die in sorted()."""
+    from matryoshka_lora.cli import main
+
+    model = make_model("llama", r=8, target_modules=["q_proj", "v_proj"])
+    d = save_matryoshka(model, tmp_path / "ad")
+    _edit_peft_config(d, target_modules=[1, "a", None])
+    assert main(["export", str(d), "--rank", "4", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"Adapter {d} is inconsistent" in err
+    assert "adapter_config.json: target_modules is [1, 'a', None]; it must be a module name pattern or a list" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+
+
 def test_save_replaces_a_directory_whole(tmp_path):
     d = _saved(tmp_path)
     (d / "stale.txt").write_text("from an older save")

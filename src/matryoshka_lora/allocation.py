@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from . import peft_seam
 from .evaluation.likelihood import _right_pad, completion_loss
+from .files import atomic_write_text
 from .model import get_controller, set_rank
 from .weighting import prefix_weights
 
@@ -167,9 +168,7 @@ class AllocationCurve:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"json": out_dir / f"{stem}.json"}
-        tmp = paths["json"].with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(paths["json"])
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=1) + "\n")
         if len(self.points) + len(self.uniform) >= 2:
             paths["plot"] = plot_curve(self, out_dir / f"{stem}.png")
         return paths

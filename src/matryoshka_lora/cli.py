@@ -92,7 +92,12 @@ def run_config(args):
     ignored = sorted(k for k in COMPARE_KEYS if k in values)
     for key in ignored:
         values.pop(key)
-    run = RunConfig.from_flat(values)
+    try:
+        run = RunConfig.from_flat(values)
+    except ValueError as e:
+        if not getattr(args, "config", None):
+            raise
+        raise ValueError(f"Invalid run config {args.config} with the command-line options:\n{e}") from None
     if ignored:
         logging.getLogger("matryoshka_lora.cli").warning(
             "%s: %s are `mlora compare` options; `mlora %s` runs one adapter with method=%s, learning_rate=%g, seed=%d "

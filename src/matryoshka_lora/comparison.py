@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiment import RunConfig, evaluate, flat_fields, load_model_for, train
+from .experiment import RunConfig, check_inputs, evaluate, flat_fields, load_model_for, train
+from .locking import locks_output
 from .report import higher_is_better, write_results
 from .saving import atomic_write_text, load_matryoshka_model
 from .training import latest_checkpoint
@@ -227,6 +228,7 @@ def seed_summary(per_seed: dict[int, dict], method: str) -> dict:
     return out
 
 
+@locks_output("compare", lambda a: a["out_dir"] or a["run"].train.output_dir)
 def compare(run: RunConfig, config: CompareConfig | None = None, out_dir: str | Path | None = None) -> dict:
     """`mlora compare`: train each method x learning rate x seed, pick, score on test, one table.
 
@@ -242,6 +244,8 @@ def compare(run: RunConfig, config: CompareConfig | None = None, out_dir: str | 
     """
     config = config or CompareConfig()
     out = Path(out_dir or run.train.output_dir)
+    grids = any(len(config.lr.get(m) or []) > 1 for m in config.methods) if isinstance(config.lr, dict) else False
+    check_inputs(run, ["train", "test"] + (["validation"] if grids else []))  # fail fast, before the model loads
     shared = SharedBase(run)
     seeds = config.seed_list(run.train.seed)
     combined = {"metric": None, "split": "test", "ranks": None, "base": None, "methods": {}, "seeds": seeds,

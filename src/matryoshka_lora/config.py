@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import read_json
 from .weighting import check_schedule, default_ranks
 
 CONFIG_NAME = "matryoshka_config.json"
@@ -109,6 +110,14 @@ class MatryoshkaConfig:
                 problems.append(f"  - ranks_per_step={self.ranks_per_step!r} must be an integer from 1 to |S|={n}.")
         if not isinstance(self.seed, int):
             problems.append(f"  - seed={self.seed!r} must be an integer.")
+        t = self.target_modules
+        if not (isinstance(t, str) and t) and not (isinstance(t, (list, tuple)) and t and all(isinstance(x, str) and x for x in t)):
+            problems.append(f"  - target_modules={t!r} must be 'all-linear', a regex, or a list of module names.")
+        m = self.modules_to_save
+        if m is not None and not (isinstance(m, (list, tuple)) and all(isinstance(x, str) and x for x in m)):
+            problems.append(f"  - modules_to_save={m!r} must be a list of module names, or None.")
+        if self.folded_from is not None and not isinstance(self.folded_from, str):
+            problems.append(f"  - folded_from={self.folded_from!r} must be a method name, or None.")
         if problems:
             raise ValueError("Invalid MatryoshkaConfig:\n" + "\n".join(problems))
 
@@ -136,12 +145,7 @@ class MatryoshkaConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} is not a matryoshka-lora adapter directory.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-save the adapter or restore the file.") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object with the rank schedule.")
+        data = read_json(path, "re-save the adapter or restore the file (a JSON object with the rank schedule)")
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:

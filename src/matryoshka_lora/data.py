@@ -207,22 +207,29 @@ class DataConfig:
 Row = tuple[str, Any, str | None]  # (location "file:line", row dict, problem or None)
 
 
-def _open_text(path: Path):
+def _open_text(path: Path, binary: bool = False):
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"Data file {path} {what}; check the path (dataset / data_path / test_file).")
-    return path.open(encoding="utf-8", newline="")
+    return path.open("rb") if binary else path.open(encoding="utf-8-sig", newline="")
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with _open_text(path, binary=True) as f:  # decoded line by line: a line that is not UTF-8 is one bad row
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", None, f"not UTF-8 text (byte {e.start + 1} of the line); re-save the file as UTF-8"
+                continue
             if not line.strip():
                 continue  # blank lines hold no row (trailing newlines are common)
             try:
                 yield f"{path}:{lineno}", json.loads(line), None
             except json.JSONDecodeError as e:
                 yield f"{path}:{lineno}", None, f"invalid JSON ({e.msg} at column {e.colno})"
+            except RecursionError:
+                yield f"{path}:{lineno}", None, "invalid JSON (nested too deeply)"
 
 
 def _read_json(path: Path) -> Iterator[Row]:
@@ -235,6 +242,8 @@ def _read_json(path: Path) -> Iterator[Row]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json file must hold one list of objects "
                          "(use .jsonl for one object per line).") from e
+    except RecursionError:
+        raise ValueError(f"{path}:1: invalid JSON (nested too deeply); a .json file must hold one list of objects.") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}.")
     for i, row in enumerate(data):
@@ -244,20 +253,31 @@ def _read_json(path: Path) -> Iterator[Row]:
 def _read_csv(path: Path) -> Iterator[Row]:
     with _open_text(path) as f:
         reader = csv.DictReader(f)
-        for row in reader:
-            loc = f"{path}:{reader.line_num}"
-            if None in row:  # DictReader files extra cells under the key None
-                yield loc, None, f"{len(reader.fieldnames) + len(row[None])} cells but the header has {len(reader.fieldnames)}"
-            else:
-                yield loc, row, None
+        try:
+            for row in reader:
+                loc = f"{path}:{reader.line_num}"
+                if None in row:  # DictReader files extra cells under the key None
+                    yield loc, None, f"{len(reader.fieldnames) + len(row[None])} cells but the header has {len(reader.fieldnames)}"
+                else:
+                    yield loc, row, None
+        except csv.Error as e:  # a NUL byte, a field over the size limit: the reader cannot go on
+            raise ValueError(f"{path}:{reader.line_num + 1}: unreadable CSV ({e}); fix the file (quote cells that "
+                             "hold commas, quotes or line breaks).") from None
 
 
 def _read_file(path: Path) -> Iterator[Row]:
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
     try:
         yield from readers[path.suffix.lower()](path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8.") from e
+    except UnicodeDecodeError:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # decoded whole, the position counts from the start of the file
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start + 1}); re-save the file "
+                             "as UTF-8.") from None
+        raise
 
 
 def _read_hub(spec: str, split: str, default_config: str | None = None) -> Iterator[Row]:

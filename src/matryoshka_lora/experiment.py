@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,13 @@ import yaml
 from .config import MatryoshkaConfig
 from .data import DataConfig, fewshot_examples, load_examples
 from .evaluation.sweep import EvalConfig, evaluate_ranks
+from .locking import locks_output
 from .model import get_controller
-from .models import load_model
+from .models import DTYPES, check_model, load_model
 from .prompts import encode_examples, make_collator
 from .report import method_summary, write_results
-from .saving import load_matryoshka_model
-from .training import TrainConfig, train_adapter
+from .saving import check_adapter_dir, load_matryoshka_model
+from .training import TrainConfig, resume_point, train_adapter
 
 
 @dataclass
@@ -42,6 +44,17 @@ class ModelConfig:
                           "completion and EOS are cut), as the official code does at 512, instead of stopping with "
                           "an error; examples whose prompt alone fills max_length are left out. Both counts are "
                           "logged (training and the loss metric)."})
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.model, str) or not self.model.strip():
+            problems.append(f"model={self.model!r} must be a Hugging Face id, a local path or 'smollm2-135m'.")
+        if self.dtype not in DTYPES:
+            problems.append(f"Unknown dtype {self.dtype!r}. Available: {', '.join(DTYPES)}.")
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 1:
+            problems.append(f"max_length={self.max_length!r} must be a positive integer, e.g. 512.")
+        if problems:
+            raise ValueError("Invalid ModelConfig:\n  - " + "\n  - ".join(problems))
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": MatryoshkaConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -77,12 +90,19 @@ class RunConfig:
         if unknown:
             raise ValueError(f"Unknown option(s) {unknown}. Valid options: {', '.join(sorted(fields))}")
         parts: dict[str, dict] = {s: {} for s in SECTIONS}
+        problems = []
         for key, value in values.items():
             section, f = fields[key]
-            parts[section][f.name] = _coerce(value, typing.get_type_hints(SECTIONS[section])[f.name])
+            hint = typing.get_type_hints(SECTIONS[section])[f.name]
+            value = _coerce(value, hint)
+            if not _conforms(value, hint):
+                problems.append(f"{key}={value!r} must be {_describe(hint)}.")
+            parts[section][f.name] = value
+        if problems:  # the sections' own checks assume the right types
+            raise ValueError("Invalid option value(s):\n  - " + "\n  - ".join(problems))
         if "seed" in values:
             parts["adapter"]["seed"] = values["seed"]
-        built, problems = {}, []
+        built = {}
         for section, cls_ in SECTIONS.items():
             try:
                 built[section] = cls_(**parts[section])
@@ -112,15 +132,75 @@ def _coerce(value, hint):
     return value
 
 
+def _conforms(value, hint) -> bool:
+    """Whether a flat option value has its field's type (int, float, str, bool, lists, dicts, unions)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool):
+            return hint is bool
+        return isinstance(value, (int, float) if hint is float else hint)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:  # keys may arrive as strings ("1": 0.5 from JSON); the section converts them
+        return isinstance(value, dict) and all(_conforms(v, args[1]) for v in value.values())
+    return True
+
+
+def _describe(hint) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s, e.g. [1, 2]"
+    if origin is dict:
+        return "a mapping, e.g. {1: 0.5}"
+    return names.get(hint, str(hint))
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML run config with flat keys (the same names as the CLI flags, with underscores)."""
+    """Read a YAML run config with flat keys (the same names as the CLI flags, with underscores).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not readable YAML, or not a mapping of option names (the message names the file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} not found.")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a run config must be a mapping of option: value.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start + 1}); re-save it as UTF-8.") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or e}).") from None
+    except RecursionError:
+        raise ValueError(f"{path}: invalid YAML (nested too deeply).") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError(f"{path}: a run config must be a mapping of option: value, with option names as keys.")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """A RunConfig from a YAML file (`load_yaml`) with `overrides` (e.g. command-line flags) on top.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file, or an option value, is invalid; the message names the file.
+    """
+    values = load_yaml(path)
+    values.update(overrides or {})
+    try:
+        return RunConfig.from_flat(values)
+    except ValueError as e:
+        raise ValueError(f"Invalid run config {path}" + (" with the command-line options" if overrides else "")
+                         + f":\n{e}") from None
 
 
 def load_model_for(run: RunConfig):
@@ -129,15 +209,30 @@ def load_model_for(run: RunConfig):
     return load_model(m.model, m.gguf_file, m.dtype, m.trust_remote_code)
 
 
+def check_inputs(run: RunConfig, splits=(), adapter_dir=None) -> dict[str, list]:
+    """Fail fast: check what a command reads, except the model weights, before the (slow) model load.
+
+    Checks the model path (`models.check_model`), the adapter directory (`check_adapter_dir`) and
+    the data, and returns the examples of `splits` ({split: examples}).
+    """
+    check_model(run.model.model, run.model.gguf_file)
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir)
+    return {split: load_examples(run.data, split) for split in splits}
+
+
+@locks_output("train", lambda a: a["run"].train.output_dir)
 def train(run: RunConfig, model=None, tokenizer=None):
     """`mlora train`: load the model and data, train the nested adapter, save it.
 
     Returns:
         `training.TrainResult` (adapter in `<output_dir>/adapter`).
     """
+    examples = check_inputs(run, ["train"])["train"] if model is None else load_examples(run.data, "train")
     if model is None:
+        resume_point(Path(run.train.output_dir) / "checkpoints", run.adapter, run.train.resume)
+        run.train.training_arguments()  # transformers' checks (e.g. bf16 on this machine)
         model, tokenizer = load_model_for(run)
-    examples = load_examples(run.data, "train")
     encoded = encode_examples(tokenizer, examples, run.model.chat_template, run.model.max_length,
                               drop_long=run.model.truncation, truncate=run.model.truncation)
     meta = {"model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data), "n_train": len(encoded),
@@ -146,6 +241,7 @@ def train(run: RunConfig, model=None, tokenizer=None):
                          extra_metadata=meta)
 
 
+@locks_output("eval", lambda a: a["out_dir"])
 def evaluate(run: RunConfig, adapter_dir: str | Path | None = None, split: str = "test", model=None, tokenizer=None,
              method_name: str | None = None, out_dir: str | Path | None = None, keep_items: bool = False) -> dict:
     """`mlora eval`: score an adapter at every rank (and the base model) on one split.
@@ -161,12 +257,12 @@ def evaluate(run: RunConfig, adapter_dir: str | Path | None = None, split: str =
     Returns:
         A results dict (schema in `report.py`).
     """
+    examples = check_inputs(run, [split], adapter_dir if model is None else None)[split]
+    shots = fewshot_examples(run.data, run.eval.num_fewshot) if run.eval.num_fewshot else []
     if model is None:
         base, tokenizer = load_model_for(run)
         model = load_matryoshka_model(base, adapter_dir)
     controller = get_controller(model)
-    examples = load_examples(run.data, split)
-    shots = fewshot_examples(run.data, run.eval.num_fewshot) if run.eval.num_fewshot else []
     sweep = evaluate_ranks(model, tokenizer, examples, run.eval, shots, run.model.chat_template, run.model.max_length,
                            keep_items=keep_items, truncate=run.model.truncation)
     entry = method_summary(sweep["per_rank"], sweep["metric"])
@@ -188,6 +284,7 @@ def _adapter_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
+@locks_output("allocate", lambda a: a["out_dir"] or Path(a["adapter_dir"]).parent / "allocation")
 def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bool = False,
              out_dir: str | Path | None = None, num_calibration: int = 32, export: bool = False,
              allow_off: bool = False, refresh: float = 0.25):
@@ -218,15 +315,17 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bo
                          "for the whole budget curve.")
     if not isinstance(num_calibration, int) or num_calibration < 1:
         raise ValueError(f"num_calibration={num_calibration!r} must be a positive integer, e.g. 64.")
+    check_inputs(run, adapter_dir=adapter_dir)
+    calibration = load_examples(dataclasses.replace(run.data, num_eval=num_calibration), "validation")
+    heldout = None
+    if sweep:  # the whole test split can be large (arith: 500); default to 64 held-out examples
+        heldout = load_examples(run.data if run.data.num_eval else dataclasses.replace(run.data, num_eval=64), "test")
     base, tokenizer = load_model_for(run)
     model = load_matryoshka_model(base, adapter_dir)
     m = run.model
-    calibration = load_examples(dataclasses.replace(run.data, num_eval=num_calibration), "validation")
     calibration = encode_examples(tokenizer, calibration, m.chat_template, m.max_length)
-    heldout = None
-    if sweep:  # the whole test split can be large (arith: 500); default to 64 held-out examples
-        data = run.data if run.data.num_eval else dataclasses.replace(run.data, num_eval=64)
-        heldout = encode_examples(tokenizer, load_examples(data, "test"), m.chat_template, m.max_length)
+    if heldout is not None:
+        heldout = encode_examples(tokenizer, heldout, m.chat_template, m.max_length)
     # a backward pass keeps every layer's activations: at most 8 sequences at a time (SmolLM2, batch 16: 7 GB)
     curve = allocation_curve(model, calibration, budgets or None, heldout, allow_off=allow_off, refresh=refresh,
                              batch_size=min(run.eval.eval_batch_size, 8), uniform=sweep)
@@ -235,8 +334,7 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bo
     paths = {k: v for k, v in curve.write(out).items()}
     for point in curve.points:
         slug = point.budget.replace(":", "-")
-        path = out / f"rank_pattern-{slug}.json"
-        path.write_text(json.dumps(point.rank_pattern, indent=1) + "\n")
+        path = atomic_write_text(out / f"rank_pattern-{slug}.json", json.dumps(point.rank_pattern, indent=1) + "\n")
         paths[f"rank_pattern {point.budget}"] = path
         if export:
             paths[f"adapter {point.budget}"] = export_rank(adapter_dir, point.rank_pattern, out / f"adapter-{slug}",

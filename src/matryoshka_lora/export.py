@@ -36,8 +36,9 @@ from safetensors.torch import save_file
 
 from . import peft_seam
 from .config import MatryoshkaConfig
+from .locking import locks_output
 from .model import RankController, _resolve, get_controller
-from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, atomic_directory, check_adapter_dir, check_target
+from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, adapter_lora_config, atomic_directory, check_adapter_dir, check_target
 from .weighting import rank_scale
 
 CARD_NAME = "README.md"
@@ -163,27 +164,6 @@ class _Source:
         return self._meta(key)
 
 
-def _index(keys: Sequence[str], origin: str) -> tuple[dict[str, dict[str, str]], list[str]]:
-    unsupported = [k for k in keys if peft_seam.is_unsupported_key(k)]
-    if unsupported:
-        raise ValueError(f"{origin} has adapter tensors a rank prefix cannot be cut from ({unsupported[0]}, ...): "
-                         "embedding LoRA, DoRA and LoRA bias are not supported by export/merge.")
-    layers: dict[str, dict[str, str]] = {}
-    extra = []
-    for key in keys:
-        parsed = peft_seam.parse_lora_key(key)
-        if parsed is None:
-            extra.append(key)
-        else:
-            layers.setdefault(parsed[0], {})[parsed[1]] = key
-    broken = [m for m, f in layers.items() if set(f) != {"A", "B"}]
-    if broken:
-        raise ValueError(f"{origin}: layer {broken[0]} has only one of lora_A / lora_B; the adapter is incomplete.")
-    if not layers:
-        raise ValueError(f"{origin} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight tensors).")
-    return layers, extra
-
-
 def _prefix(t, k, factor):
     # slicing works on tensors and on safetensors slices alike
     if k is None:
@@ -201,7 +181,7 @@ def open_source(source) -> Iterator[_Source]:
     if isinstance(source, torch.nn.Module):
         config = get_controller(source).config
         state = peft_seam.adapter_state_dict(source)
-        layers, extra = _index(list(state), "The model")
+        layers, extra = peft_seam.index_keys(list(state), "The model")
 
         def read(key, k=None, factor=None):
             return _prefix(state[key].detach(), k, factor).contiguous().clone()
@@ -213,9 +193,9 @@ def open_source(source) -> Iterator[_Source]:
         return
     directory = Path(source)
     config = check_adapter_dir(directory)
-    peft_config = json.loads((directory / PEFT_CONFIG_NAME).read_text())
+    peft_config = peft_seam.config_dict(adapter_lora_config(directory, config))
     with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-        layers, extra = _index(list(f.keys()), str(directory))
+        layers, extra = peft_seam.index_keys(list(f.keys()), str(directory))
 
         def read(key, k=None, factor=None):
             return _prefix(f.get_slice(key), k, factor).contiguous()
@@ -409,6 +389,7 @@ def _write_one(src: _Source, ranks: Mapping[str, int], target: Path, overwrite: 
     return target
 
 
+@locks_output("export", lambda a: a["out_dir"])
 def export_rank(
     source,
     rank,

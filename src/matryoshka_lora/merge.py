@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from . import peft_seam
-from .export import CARD_NAME, model_card, resolve_ranks
+from .export import CARD_NAME, model_card, open_source, resolve_ranks
+from .locking import locks_output
 from .model import get_controller
-from .models import load_model, portable_name
+from .models import check_model, load_model, portable_name
 from .saving import atomic_directory, check_target, load_matryoshka_model
 from .weighting import prefix_weights
 
@@ -109,6 +110,7 @@ def unmerge(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@locks_output("merge", lambda a: a["out_dir"])
 def merge_to_dir(
     base_model: str | torch.nn.Module,
     adapter_dir: str | Path,
@@ -140,8 +142,12 @@ def merge_to_dir(
         rank = parse_rank_spec(rank)
     if isinstance(rank, list):
         raise ValueError(f"merge takes one rank (or a per-layer pattern), got {rank}; merge each rank separately.")
-    check_target(out_dir, overwrite)  # fail before loading a large model
+    check_target(out_dir, overwrite)  # fail before loading a large model: the output, the adapter, the rank
+    with open_source(adapter_dir) as src:
+        resolve_ranks(src.config, list(src.layers), rank, default, allow_untrained)
     name = base_model if isinstance(base_model, (str, Path)) else None
+    if name:
+        check_model(str(name))
     base, tokenizer = load_model(str(name), dtype="auto") if name else (base_model, None)
     model = load_matryoshka_model(base, adapter_dir)
     config = get_controller(model).config

@@ -12,11 +12,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .files import new_temporary
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,29 @@ def portable_name(name_or_path: str | None) -> str | None:
         if name in (filename, package) or name.startswith(f"{Path(filename).stem}-"):
             return hub_id
     return name_or_path
+
+
+def check_model(model: str, gguf_file: str | None = None) -> None:
+    """Check what can be checked about a model without loading it (fail fast, before a slow load).
+
+    The embedded model's package must be installed; a local path (one that starts with `/`, `.`
+    or `~`, ends in `.gguf`, or has more than one `/`) must exist, and so must a GGUF file named
+    inside a local directory. A Hugging Face id (`org/name`) is left to the download.
+
+    Raises:
+        ValueError: the embedded model's package is missing.
+        FileNotFoundError: a local model path or GGUF file does not exist.
+    """
+    source, gguf = resolve(model, gguf_file)
+    if model in EMBEDDED:
+        return
+    path = Path(source).expanduser()
+    local = path.exists() or source.startswith(("/", ".", "~")) or source.endswith(".gguf") or source.count("/") > 1
+    if local and not path.exists():
+        raise FileNotFoundError(f"Model {model} not found: no such directory or file. Pass a local model directory, a "
+                                ".gguf file, a Hugging Face id such as HuggingFaceTB/SmolLM2-135M-Instruct, or smollm2-135m.")
+    if local and gguf is not None and path.is_dir() and not (path / gguf).is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} not found in {path}; check --gguf-file.")
 
 
 def _cache_dir_for(directory: str, gguf_file: str) -> Path:
@@ -127,7 +151,7 @@ def _as_dense(lm):
 
 def _save_atomically(lm, tok, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = new_temporary(target)  # and remove those a killed first load left (hundreds of MB each)
     try:
         lm.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -37,8 +37,10 @@ def wrap(model: torch.nn.Module, config: LoraConfig) -> PeftModel:
     return get_peft_model(model, config)
 
 
-def load(model: torch.nn.Module, path, is_trainable: bool = False) -> PeftModel:
-    return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+def load(model: torch.nn.Module, path, config: LoraConfig, is_trainable: bool = False) -> PeftModel:
+    """The adapter weights in `path` on `model`, with `config` (see `saved_lora_config`) rather
+    than PEFT reading adapter_config.json itself."""
+    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=is_trainable)
 
 
 def short_name(name: str) -> str:
@@ -105,18 +107,115 @@ def is_unsupported_key(key: str) -> bool:
     return any(t in key for t in ("lora_embedding_", "lora_magnitude_vector", ".lora_B.bias"))
 
 
-def adapter_config_dict(model: torch.nn.Module, adapter: str = ADAPTER) -> dict:
-    """The adapter config as PEFT writes it to adapter_config.json (sets become sorted lists)."""
-    config = model.peft_config[adapter]
+def config_dict(config: LoraConfig) -> dict:
+    """A LoraConfig as PEFT writes it to adapter_config.json (sets become sorted lists)."""
     out = config.to_dict()
     for key, value in out.items():
         if isinstance(value, set):
             out[key] = sorted(value)
     out["inference_mode"] = True
+    return out
+
+
+def adapter_config_dict(model: torch.nn.Module, adapter: str = ADAPTER) -> dict:
+    """The adapter config of a model in memory, as PEFT writes it to adapter_config.json."""
+    out = config_dict(model.peft_config[adapter])
     if out.get("base_model_name_or_path") is None:
         out["base_model_name_or_path"] = getattr(model.get_base_model(), "name_or_path", None) or None
     out["base_model_name_or_path"] = portable_name(out["base_model_name_or_path"])
     return out
+
+
+# -- adapter_config.json of a nested adapter ----------------------------------------------------
+# The fields that set the adapter's structure or scale are checked against what `lora_config`
+# writes (`saved_config_problems`): a nested adapter has lora_alpha = r, no patterns, no rsLoRA
+# or DoRA. Every other field is PEFT bookkeeping that loading and export rebuild from the
+# rank schedule (`saved_lora_config`) instead of reading it, so a damaged one is ignored.
+
+def _target_problem(targets, layer_names) -> str | None:
+    """Why `targets` (target_modules as saved) cannot be the targets of `layer_names`, or None."""
+    if targets == "all-linear":
+        return None
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            return f"target_modules {targets!r} is not a valid regular expression ({e})"
+        missed = [n for n in layer_names if not pattern.fullmatch(n)]
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
+        missed = [n for n in layer_names if not any(n == t or n.endswith("." + t) for t in targets)]  # PEFT's rule
+    else:
+        return f"target_modules is {targets!r}; it must be a module name pattern or a list of module names"
+    if missed:
+        return f"target_modules {targets!r} does not cover the adapted layer {missed[0]} of the weights"
+    return None
+
+
+def saved_config_problems(saved: dict, r: int, layer_names) -> list[str]:
+    """What in a nested adapter's adapter_config.json differs from what `lora_config` writes.
+
+    Args:
+        saved: adapter_config.json as read.
+        r: The adapter's maximum rank.
+        layer_names: The adapted modules found in the weights file.
+    """
+    problems = []
+    if saved.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {saved['peft_type']!r}; a nested adapter is a LoRA adapter (peft_type LORA)")
+    alpha = saved.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != r:
+        problems.append(f"lora_alpha is {alpha!r}; a nested adapter is saved with lora_alpha = r = {r} (PEFT's own "
+                        "scale is 1: the rank scales come from scaling and alpha in matryoshka_config.json)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if saved.get(key):
+            problems.append(f"{key} is {saved[key]!r}; a nested adapter has one r and one scale for every layer")
+    for key in ("use_rslora", "use_dora"):
+        if saved.get(key) not in (None, False):
+            problems.append(f"{key} is {saved[key]!r}; a nested adapter is saved with {key} = false")
+    target = _target_problem(saved.get("target_modules"), layer_names)
+    return problems + ([target] if target else [])
+
+
+def saved_lora_config(saved: dict, r: int, lora_dropout: float, modules_to_save) -> LoraConfig:
+    """The LoraConfig to load a nested adapter with: `lora_config` with the saved target modules,
+    plus the saved base model name (fields of the wrong type are left out)."""
+    config = lora_config(r, saved["target_modules"], lora_dropout, modules_to_save)
+    for key in ("base_model_name_or_path", "revision"):
+        if isinstance(saved.get(key), str):
+            setattr(config, key, saved[key])
+    if saved.get("fan_in_fan_out") is True:  # PEFT sets it for GPT-2's Conv1D layers
+        config.fan_in_fan_out = True
+    mapping = saved.get("auto_mapping")
+    if isinstance(mapping, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        config.auto_mapping = mapping
+    return config
+
+
+def index_keys(keys, origin: str) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Group adapter tensor keys by layer: ({module: {"A": key, "B": key}}, other keys), in key order.
+
+    Raises:
+        ValueError: tensors a rank prefix cannot be cut from (embedding LoRA, DoRA, LoRA bias),
+            a layer with only one factor, or no LoRA factors at all.
+    """
+    unsupported = [k for k in keys if is_unsupported_key(k)]
+    if unsupported:
+        raise ValueError(f"{origin} has adapter tensors a rank prefix cannot be cut from ({unsupported[0]}, ...): "
+                         "embedding LoRA, DoRA and LoRA bias are not supported by export/merge.")
+    layers: dict[str, dict[str, str]] = {}
+    extra = []
+    for key in keys:
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            extra.append(key)
+        else:
+            layers.setdefault(parsed[0], {})[parsed[1]] = key
+    broken = [m for m, f in layers.items() if set(f) != {"A", "B"}]
+    if broken:
+        raise ValueError(f"{origin}: layer {broken[0]} has only one of lora_A / lora_B; the adapter is incomplete.")
+    if not layers:
+        raise ValueError(f"{origin} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight tensors).")
+    return layers, extra
 
 
 def adapter_state_dict(model: torch.nn.Module, adapter: str = ADAPTER, state_dict: dict | None = None) -> dict[str, torch.Tensor]:

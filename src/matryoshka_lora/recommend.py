@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .export import Footprint, rank_footprint
-from .report import _is_percent, load_results, scores
+from .report import _is_percent, check_results, load_results, scores
 
 
-def pick_method(results: Mapping, method: str | None = None) -> str:
+def pick_method(results: Mapping, method: str | None = None, origin: str = "The results") -> str:
     """`method` if the results hold it; the only method when there is one; else a ValueError listing them."""
     names = list(results["methods"])
     if method is None:
         if len(names) == 1:
             return names[0]
-        raise ValueError(f"The results hold several methods; pick one with method= (--method). Available: {', '.join(names)}")
+        raise ValueError(f"{origin} hold several methods; pick one with method= (--method). Available: {', '.join(names)}")
     if method not in names:
-        raise ValueError(f"Unknown method {method!r}. Available: {', '.join(names)}")
+        raise ValueError(f"Unknown method {method!r}. Available: {', '.join(names)} (in {origin}).")
     return method
 
 
@@ -120,25 +120,34 @@ def recommend_rank(
     if not isinstance(results, Mapping):
         results_path = Path(results) / "results.json" if Path(results).is_dir() else Path(results)
         results = load_results(results)
-    method = pick_method(results, method)
+    else:
+        results = check_results(dict(results), "results")
+    origin = str(results_path) if results_path else "the results"
+    method = pick_method(results, method, origin)
     metric = metric or results["metric"]
     entry = results["methods"][method]
     missing = [k for k, row in entry["per_rank"].items() if metric not in row]
     if missing:
         known = sorted({m for row in entry["per_rank"].values() for m in row})
-        raise ValueError(f"Metric {metric!r} is missing at ranks {missing} of method {method!r}. Available: {', '.join(known)}")
+        raise ValueError(f"Metric {metric!r} is missing at ranks {missing} of method {method!r} in {origin}. "
+                         f"Available: {', '.join(known)}")
     ranks, values = scores(results, method, metric)
     finite = [(k, v) for k, v in zip(ranks, values) if isinstance(v, (int, float)) and math.isfinite(v)]
     if not finite:
-        raise ValueError(f"Method {method!r} has no finite {metric} scores to choose from.")
+        raise ValueError(f"Method {method!r} has no finite {metric} scores to choose from in {origin}.")
     higher = _is_percent(metric)
 
     path = _find_adapter(adapter, entry, results_path)
     note = ""
     cost: dict[int, Footprint | tuple[None, int]] = {}
     if path is not None:
-        for k in ranks:
-            cost[k] = rank_footprint(path, k)
+        try:
+            cost = {k: rank_footprint(path, k) for k in ranks}
+        except (FileNotFoundError, ValueError) as e:
+            if adapter is not None:
+                raise
+            raise ValueError(f"{origin} names the adapter {path}: {e}\n"
+                             "Pass --adapter DIR (adapter=) to size the ranks with another adapter.") from None
     elif entry.get("trainable_params") and entry.get("r"):
         note = (f"No adapter directory found: params are trainable_params * k / r from the results file; "
                 "pass adapter= (--adapter DIR) for exact sizes.")

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_text, read_json
 from .metrics import aurac, log_aurac
 
 
@@ -132,21 +134,64 @@ def write_results(results: dict, out_dir: str | Path, stem: str = "results") -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "table": out_dir / f"{stem}.md", "plot": out_dir / f"{stem}.png"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(paths["json"])
-    paths["table"].write_text(markdown_table(results))
+    atomic_write_text(paths["json"], json.dumps(results, indent=2) + "\n")
+    atomic_write_text(paths["table"], markdown_table(results))
     plot(results, paths["plot"])
     return paths
 
 
+_FIX = "pass the results.json written by `mlora eval` or `mlora compare`"
+
+
 def load_results(path: str | Path) -> dict:
+    """Read a results file (or `<dir>/results.json`) and check it against the schema above."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass the results.json written by `mlora eval` or `mlora compare`.")
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or "methods" not in data or "metric" not in data:
-        raise ValueError(f"{path} is not a matryoshka-lora results file (needs 'metric' and 'methods').")
+    return check_results(read_json(path, _FIX), str(path))
+
+
+def _is_score(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _scores_problem(row, where: str) -> str | None:
+    if not isinstance(row, dict) or not all(isinstance(m, str) and _is_score(v) for m, v in row.items()):
+        return f"{where} must map metric names to numbers, got {row!r}"
+    return None
+
+
+def check_results(data, origin: str) -> dict:
+    """`data` if it follows the results schema; else a ValueError naming `origin` and every problem."""
+    problems = []
+    if not isinstance(data, dict):
+        problems.append(f"it must hold a JSON object, not {type(data).__name__}")
+        data = {"metric": "?", "methods": {"?": {"per_rank": {"1": {}}}}}
+    if not isinstance(data.get("metric"), str) or not data.get("metric"):
+        problems.append(f"'metric' must be the name of the headline metric, got {data.get('metric')!r}")
+    methods = data.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        problems.append(f"'methods' must map method names to their results, got {methods!r}")
+        methods = {}
+    for name, entry in methods.items():
+        where = f"methods[{name!r}]"
+        per_rank = entry.get("per_rank") if isinstance(entry, dict) else None
+        if not isinstance(per_rank, dict) or not per_rank:
+            problems.append(f"{where} must hold 'per_rank': {{rank: {{metric: score}}}}, got {entry!r}")
+            continue
+        for k, row in per_rank.items():
+            if not re.fullmatch(r"[0-9]+", k) or int(k) < 1:
+                problems.append(f"{where}['per_rank'] has the key {k!r}; ranks are integers from 1")
+            problems.append(_scores_problem(row, f"{where}['per_rank'][{k!r}]"))
+        for key, kind in (("adapter", str), ("r", int), ("trainable_params", int), ("aurac", float), ("log_aurac", float)):
+            v = entry.get(key)
+            ok = v is None or (_is_score(v) if kind is float else isinstance(v, kind) and not isinstance(v, bool))
+            if not ok or (kind is int and v is not None and v < (1 if key == "r" else 0)):
+                problems.append(f"{where}[{key!r}] is {v!r}")
+    if data.get("base") is not None:
+        problems.append(_scores_problem(data["base"], "'base'"))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"{origin} is not a valid matryoshka-lora results file:\n  - " + "\n  - ".join(problems)
+                         + f"\nFix it, or {_FIX}.")
     return data

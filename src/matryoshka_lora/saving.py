@@ -3,20 +3,14 @@
 Loading reads JSON and safetensors only; a directory without `adapter_model.safetensors`
 is refused rather than falling back to a pickle.
 
-Every write goes to a temporary file or directory next to its target and is renamed into
-place when complete (`atomic_directory`, `atomic_write_text`), so a crash, a kill or a full
-disk during a save leaves the previous version, never a half-written one.
+Every save is written whole or not at all (`files.atomic_directory`), so a crash, a kill or a
+full disk during a save leaves the previous version, never a half-written one.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,123 +19,15 @@ from safetensors.torch import load_file, save_file
 
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
+from .files import (DiskFullError, atomic_directory, atomic_write_text, check_target, explain_disk_full,  # noqa: F401
+                    is_disk_full, read_json, replace_directory)
+from .locking import locks_output
 from .model import attach, fold_plan, get_controller
 from .models import portable_name
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 CONFIG_RECORD = "matryoshka_config"  # safetensors metadata key: the config the weights were saved with
-
-
-# -- atomic writes ------------------------------------------------------------------------------
-
-def check_target(target: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output directory unless overwrite is set; refuse a file either way."""
-    target = Path(target)
-    if target.exists() or target.is_symlink():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory; choose another output path.")
-        if not overwrite:
-            raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it, "
-                                  "or choose another output directory.")
-    return target
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Rename the complete directory `new` to `target`, replacing an existing `target`.
-
-    The old directory is moved aside first and deleted only once `new` is in place; a kill
-    between the two renames leaves `target` missing and the old copy in a hidden `.old`
-    directory next to it, never a mix of both.
-    """
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.replace(target, old / "dir")
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / "dir", target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `target`; rename it to `target` once the block completes.
-
-    On an error the temporary directory is removed and `target` is untouched. With `overwrite`
-    the old directory is moved aside, the new one renamed in, and only then the old one deleted.
-    A full disk is reported as `DiskFullError` naming `target`.
-    """
-    target = check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal permissions
-        with explain_disk_full(target):
-            yield tmp
-        check_target(target, overwrite)
-        replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file through a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with explain_disk_full(path), os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-class DiskFullError(OSError):
-    """The disk filled up during a save; the message names what was being written."""
-
-
-def is_disk_full(error: BaseException, directory: Path) -> bool:
-    """Whether `error` came from a full disk.
-
-    Writers report it differently: Python raises OSError(ENOSPC), safetensors a SafetensorError
-    saying "No space left on device (os error 28)", torch.save a RuntimeError about a failed
-    write; for the last, look at the free space left.
-    """
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left" in str(error) or "os error 28" in str(error):
-        return True
-    if not isinstance(error, (OSError, RuntimeError)):
-        return False
-    try:
-        probe = next(p for p in (directory, *directory.parents) if p.exists())
-        return shutil.disk_usage(probe).free < 16 * 2**20
-    except (OSError, StopIteration):
-        return False
-
-
-@contextmanager
-def explain_disk_full(target: Path, note: str = ""):
-    """Turn a full-disk error from any writer into a `DiskFullError` that names `target`."""
-    try:
-        yield
-    except DiskFullError:
-        raise
-    except Exception as e:
-        if not is_disk_full(e, Path(target).parent):
-            raise
-        raise DiskFullError(errno.ENOSPC, f"No space left on device while writing {target} ({e}); nothing was "
-                            f"half-written{note}. Free disk space or choose another output directory, then run again.") from e
 
 
 # -- save / check / load ------------------------------------------------------------------------
@@ -196,12 +82,44 @@ def _normalise_targets(t):
     return sorted(t) if isinstance(t, (list, tuple, set)) else t
 
 
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _read_weights_header(path: Path, config: MatryoshkaConfig, problems: list[str]) -> tuple[list[str], str | None]:
+    """The adapted layer names and the recorded config of the weights file; shape problems go to `problems`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(CONFIG_RECORD)
+            keys = list(f.keys())
+            slices = {key: f.get_slice(key) for key in keys}
+            shapes = {key: s.get_shape() for key, s in slices.items()}
+            dtypes = {key: s.get_dtype() for key, s in slices.items()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} cannot be read ({e}); the file is truncated or corrupt, re-save the adapter.") from e
+    layers, _ = peft_seam.index_keys(keys, str(path))
+    for module, factors in layers.items():
+        for factor, key in factors.items():
+            shape, dtype = shapes[key], dtypes[key]
+            if dtype not in _FLOAT_DTYPES or len(shape) != 2:
+                problems.append(f"weight {key} is {dtype} {list(shape)}; LoRA factors are floating-point matrices")
+            elif shape[0 if factor == "A" else 1] != config.r:
+                problems.append(f"weight {key} has rank {shape[0 if factor == 'A' else 1]}, expected r={config.r}")
+            else:
+                continue
+            break
+    return list(layers), recorded
+
+
 def check_adapter_dir(directory: str | Path) -> MatryoshkaConfig:
     """Check that a directory holds a consistent nested adapter; return its config.
 
+    Of adapter_config.json, the fields that set the adapter's structure or scale are checked
+    (r, target_modules, lora_alpha = r, no rank/alpha patterns, no rsLoRA/DoRA: see
+    `peft_seam.saved_config_problems`); its other fields are not read (`adapter_lora_config`).
+
     Raises:
         FileNotFoundError: a file is missing.
-        ValueError: the files disagree (r, ranks, target modules, weight shapes) or are corrupt.
+        ValueError: the files disagree (r, ranks, target modules, lora_alpha, weight shapes) or are corrupt.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -214,41 +132,41 @@ def check_adapter_dir(directory: str | Path) -> MatryoshkaConfig:
                         f"usable) with `mlora svd {directory} --out NEW_DIR` (svd_adapter() in Python), then use NEW_DIR")
             raise FileNotFoundError(f"{directory / name} is missing{hint}.")
     config = MatryoshkaConfig.load(directory)
-    try:
-        peft_cfg = json.loads((directory / PEFT_CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / PEFT_CONFIG_NAME} is not valid JSON ({e}).") from e
+    peft_cfg = read_json(directory / PEFT_CONFIG_NAME, "restore it or re-save the adapter")
     problems = []
     if peft_cfg.get("r") != config.r:
         problems.append(f"{CONFIG_NAME} says r={config.r} but {PEFT_CONFIG_NAME} says r={peft_cfg.get('r')}")
-    if peft_cfg.get("rank_pattern"):
-        problems.append(f"{PEFT_CONFIG_NAME} has a rank_pattern; a nested adapter has one r for every layer")
-    targets = config.target_modules
-    if targets != "all-linear" and _normalise_targets(targets) != _normalise_targets(peft_cfg.get("target_modules")):
-        problems.append(f"target_modules differ: {CONFIG_NAME} has {targets}, {PEFT_CONFIG_NAME} has {peft_cfg.get('target_modules')}")
-    try:
-        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-            recorded = (f.metadata() or {}).get(CONFIG_RECORD)
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                if ".lora_A." in key and shape[0] != config.r:
-                    problems.append(f"weight {key} has rank {shape[0]}, expected r={config.r}")
-                    break
-                if ".lora_B." in key and shape[-1] != config.r:
-                    problems.append(f"weight {key} has rank {shape[-1]}, expected r={config.r}")
-                    break
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{directory / WEIGHTS_NAME} cannot be read ({e}); the file is truncated or corrupt, re-save the adapter.") from e
+    layer_names, recorded = _read_weights_header(directory / WEIGHTS_NAME, config, problems)
+    problems += [f"{PEFT_CONFIG_NAME}: {p}" for p in peft_seam.saved_config_problems(peft_cfg, config.r, layer_names)]
+    targets, saved_targets = config.target_modules, peft_cfg.get("target_modules")
+    if targets != "all-linear" and not any(PEFT_CONFIG_NAME in p and "target_modules" in p for p in problems) \
+            and _normalise_targets(targets) != _normalise_targets(saved_targets):
+        problems.append(f"target_modules differ: {CONFIG_NAME} has {targets}, {PEFT_CONFIG_NAME} has {saved_targets}")
     if recorded is not None:  # adapters saved before the record existed have none
-        problems += [f"{CONFIG_NAME} was edited after saving: {k} is {now!r}, the weights were saved with {before!r}"
-                     for k, before, now in config_differences(json.loads(recorded), config)]
+        try:
+            before = json.loads(recorded)
+        except (json.JSONDecodeError, RecursionError):
+            before = None
+        if not isinstance(before, dict):
+            raise ValueError(f"{directory / WEIGHTS_NAME}: the config recorded in its metadata ({CONFIG_RECORD}) is "
+                             "not a JSON object; the file is corrupt, re-save the adapter.")
+        problems += [f"{CONFIG_NAME} was edited after saving: {k} is {now!r}, the weights were saved with {was!r} "
+                     f"(recorded in {WEIGHTS_NAME})" for k, was, now in config_differences(before, config)]
     if problems:
         raise ValueError(f"Adapter {directory} is inconsistent:\n  - " + "\n  - ".join(problems)
-                         + f"\nRestore {CONFIG_NAME} to what the weights were saved with, or re-save the adapter "
+                         + f"\nRestore the files to what the weights were saved with, or re-save the adapter "
                            "with save_matryoshka().")
     return config
 
 
+def adapter_lora_config(directory: str | Path, config: MatryoshkaConfig):
+    """The PEFT LoraConfig of a checked adapter directory (`check_adapter_dir`), rebuilt from its
+    rank schedule and saved target modules (`peft_seam.saved_lora_config`)."""
+    saved = read_json(Path(directory) / PEFT_CONFIG_NAME, "restore it or re-save the adapter")
+    return peft_seam.saved_lora_config(saved, config.r, config.lora_dropout, config.modules_to_save)
+
+
+@locks_output("fold", lambda a: a["out_dir"])
 def fold_adapter(directory: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """`fold_p` on a saved adapter, without loading a base model: write a copy whose lora_A rows are
     multiplied by the training P. Eval, export and merge of the copy run rank k as the prefix of
@@ -296,7 +214,7 @@ def load_matryoshka_model(base_model: torch.nn.Module, directory: str | Path, is
     """
     config = check_adapter_dir(directory)
     try:
-        model = peft_seam.load(base_model, directory, is_trainable=is_trainable)
+        model = peft_seam.load(base_model, directory, adapter_lora_config(directory, config), is_trainable=is_trainable)
     except RuntimeError as e:
         if "size mismatch" in str(e):
             raise ValueError(f"Adapter {directory} does not fit this base model (layer shapes differ); "

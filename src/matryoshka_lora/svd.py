@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
+from .locking import locks_output
 from .model import get_controller
 from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, atomic_directory, check_adapter_dir, config_record
 from .weighting import default_ranks, prefix_weights, rank_weights
@@ -214,6 +215,7 @@ def read_lora(directory: str | Path) -> LoraFactors:
     return LoraFactors(None, peft_cfg, found["layers"], found["extra"], notes)
 
 
+@locks_output("svd", lambda a: a["out"])
 def svd_adapter(src: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, list[str]]:
     """`svd_order` on disk: write an SVD-ordered nested adapter of `src` to `out`, without a base model.
 

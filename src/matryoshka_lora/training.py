@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
@@ -108,6 +109,9 @@ class TrainConfig:
             problems.append(f"Unknown deploy_order {self.deploy_order!r}. Available: {', '.join(DEPLOY_ORDERS)}.")
         if self.snapshot_steps is not None and not all(isinstance(n, int) and n > 0 for n in self.snapshot_steps):
             problems.append(f"snapshot_steps={self.snapshot_steps!r} must be positive step numbers, e.g. [75, 150].")
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            problems.append(f"Unknown lr_scheduler_type {self.lr_scheduler_type!r}. Available: {', '.join(schedulers)}.")
         if problems:
             raise ValueError("Invalid TrainConfig:\n  - " + "\n  - ".join(problems))
 
@@ -331,7 +335,7 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
                          "its own s_k P_k; use deploy_order='svd' or 'none'.")
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
-    resume = _resume_point(checkpoints, adapter, config.resume)
+    resume = resume_point(checkpoints, adapter, config.resume)
     args = config.training_arguments()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
@@ -413,7 +417,7 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
     return TrainResult(adapter_dir, peft_model, trainer.state.log_history, seconds, callback.draws)
 
 
-def _resume_point(checkpoints: Path, adapter: MatryoshkaConfig, resume: bool) -> Path | None:
+def resume_point(checkpoints: Path, adapter: MatryoshkaConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from (checked against `adapter`), or None for a fresh run."""
     last = latest_checkpoint(checkpoints)
     if not resume:

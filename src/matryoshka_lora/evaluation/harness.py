@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ..locking import locks_output
 from ..model import get_controller, set_rank
 from ..report import method_summary, write_results
 
@@ -438,17 +439,20 @@ class HarnessConfig:
         return cls(**values)
 
 
+@locks_output("eval", lambda a: a["config"].out_dir)
 def harness_eval(config: HarnessConfig) -> dict[str, Path]:
     """Load base model and adapter once, score every rank with lm-eval, write results.{json,md,png}.
 
     Returns:
         The written paths: {"json", "table", "plot"} (and "samples" with log_samples).
     """
-    from ..models import load_model
-    from ..saving import load_matryoshka_model
+    from ..models import check_model, load_model
+    from ..saving import check_adapter_dir, load_matryoshka_model
 
     _lm_eval()  # fail before the (slow) model load
     _check_local_data(config.tasks, config.gsm8k_dir)
+    check_model(config.model, config.gguf_file)
+    check_adapter_dir(config.adapter)
     base, tokenizer = load_model(config.model, config.gguf_file, config.dtype, device=config.device)
     model = load_matryoshka_model(base, config.adapter).eval()
     out_dir = Path(config.out_dir)
