@@ -260,7 +260,6 @@ def environment(device: str = "cpu") -> dict:
         "command": command_line(),
         "git_commit": git_commit(),
         "python": platform.python_version(),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
