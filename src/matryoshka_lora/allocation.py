@@ -532,14 +532,15 @@ def allocation_curve(
             walker = _Greedy(_layer_keys(names), sizes, choices, score, every, bar, positive_only=by == "spectrum")
             for n, b in targets:
                 pattern, params, gain = walker.at(n)
-                bar.set_description(f"measure {b}")
                 point = Allocation(str(b), n, pattern, int(params), params / unit, estimated_gain=gain)
-                if calibration_data is not None:
-                    point.calibration_loss = _measure(model, pattern, calibration_data, batch_size)
-                if heldout_data is not None:
-                    point.heldout_loss = _measure(model, pattern, heldout_data, batch_size)
+                if calibration_data is not None or heldout_data is not None:
+                    bar.set_description(f"measure {b}")
+                    if calibration_data is not None:
+                        point.calibration_loss = _measure(model, pattern, calibration_data, batch_size)
+                    if heldout_data is not None:
+                        point.heldout_loss = _measure(model, pattern, heldout_data, batch_size)
+                    bar.set_description("allocate (params added)")
                 points.append(point)
-                bar.set_description("allocate (params added)")
         uniform_rows = []
         if uniform and live and (calibration_data is not None or heldout_data is not None):
             for k in sorted(config.ranks):
