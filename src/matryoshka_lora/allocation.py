@@ -379,6 +379,7 @@ RULES = {"calibration": "first-order loss drop on calibration data",
 ESTIMATORS = {"calibration": "first-order: dL/dv_l from one backward pass per refresh",
               "spectrum": "sigma_i^2 / (m_l + n_l) of the SVD-ordered factors, no data (spectrum.py)"}
 
+
 def _layer_keys(names: Sequence[str]) -> list[str]:
     """Each layer's name as a set_rank / PEFT rank_pattern key that matches that layer alone."""
     keys = [re.escape(n) if any(o != n and peft_seam.matches(n, o) for o in names) else n for n in names]

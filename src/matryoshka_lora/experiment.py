@@ -294,11 +294,13 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, by: str =
     Returns:
         (`allocation.AllocationCurve`, {name: written path}).
     """
-    from .allocation import allocation_curve
+    from .allocation import RULES, allocation_curve
     from .export import export_rank
     from .spectrum import adapter_is_svd_ordered
     from .svd import svd_adapter
 
+    if by not in RULES:
+        raise ValueError(f"Unknown allocation rule by={by!r}. Available: {', '.join(RULES)}.")
     if not budgets and not sweep:
         raise ValueError("Pass --budget (e.g. --budget avg-rank:4, params:500000 or fraction:0.25) or --sweep "
                          "for the whole budget curve.")
