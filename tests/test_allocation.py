@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 from matryoshka_lora import (MatryoshkaConfig, allocate_ranks, allocation_curve, export_rank, get_controller,
-                             get_matryoshka_model, parse_budget, rank_footprint, save_matryoshka, set_rank)
+                             get_matryoshka_model, parse_budget, rank_footprint, save_matryoshka, set_rank, svd_order)
 from matryoshka_lora.allocation import Budget, _vector_gradients
 from matryoshka_lora.cli import main
 from matryoshka_lora.evaluation.likelihood import completion_loss
@@ -83,19 +83,33 @@ def test_first_order_estimate_matches_the_measured_change_when_the_adapter_is_sm
         assert float(grads[i] @ d) == pytest.approx(measured, rel=0.05, abs=5e-7), name
 
 
-@pytest.mark.parametrize("spec", ["avg-rank:1", "avg-rank:1.3", "avg-rank:2", "fraction:0.4", "avg-rank:5.5", "avg-rank:8"])
-def test_budget_is_never_exceeded_and_ranks_come_from_the_trained_set(spec):
+# the same budgets for every rule: (by, ranks a layer may take); the spectrum rule needs an SVD-ordered adapter
+RULES = [("calibration", None), ("spectrum", None), ("spectrum", RANKS)]
+
+
+def rule_model(by):
     model = make_model("llama", r=8, ranks=RANKS)
+    if by == "spectrum":
+        svd_order(model)
+    return model
+
+
+@pytest.mark.parametrize("by,ranks", RULES, ids=["calibration", "spectrum", "spectrum-S"])
+@pytest.mark.parametrize("spec", ["avg-rank:1", "avg-rank:1.3", "avg-rank:2", "fraction:0.4", "avg-rank:5.5", "avg-rank:8"])
+def test_budget_is_never_exceeded_and_ranks_come_from_the_allowed_set(spec, by, ranks):
+    model = rule_model(by)
+    allowed = ranks or (RANKS if by == "calibration" else list(range(1, 9)))
     size = sizes(model)
-    alloc = allocate_ranks(model, random_data(), spec, progress=False)
-    assert set(alloc.rank_pattern) == set(size) and set(alloc.rank_pattern.values()) <= set(RANKS)
+    alloc = allocate_ranks(model, random_data(), spec, by=by, ranks=ranks, progress=False)
+    assert set(alloc.rank_pattern) == set(size) and set(alloc.rank_pattern.values()) <= set(allowed)
     params = sum(k * size[name] for name, k in alloc.rank_pattern.items())
     assert alloc.params == params == rank_footprint(model, alloc.rank_pattern).params
     assert params <= alloc.budget_params == parse_budget(spec).to_params(sum(size.values()), 8)
     # nothing left that would still fit: the next rank of every layer is too expensive
     room = alloc.budget_params - params
-    assert all(k == 8 or (RANKS[RANKS.index(k) + 1] - k) * size[name] > room for name, k in alloc.rank_pattern.items())
-    with set_rank(model, alloc.rank_pattern):
+    assert all(k == 8 or (allowed[allowed.index(k) + 1] - k) * size[name] > room
+               for name, k in alloc.rank_pattern.items())
+    with set_rank(model, alloc.rank_pattern):  # the spectrum rule does not use the data, but measures it
         assert alloc.calibration_loss == pytest.approx(completion_loss(model, random_data())["loss"], rel=1e-6)
 
 
@@ -134,11 +148,12 @@ BAD_BUDGETS = [
 ]
 
 
+@pytest.mark.parametrize("by", ["calibration", "spectrum"])
 @pytest.mark.parametrize("spec,message", BAD_BUDGETS)
-def test_bad_budgets_are_clear_errors(spec, message):
-    model = make_model("llama", r=8, ranks=RANKS)
+def test_bad_budgets_are_clear_errors(spec, message, by):
+    model = rule_model(by)
     with pytest.raises(ValueError, match=message):
-        allocate_ranks(model, random_data(), spec, progress=False)
+        allocate_ranks(model, random_data() if by == "calibration" else None, spec, by=by, progress=False)
 
 
 def test_below_minimum_names_the_minimum_and_allow_off():

@@ -106,3 +106,32 @@ def test_gpu_script_runs_its_python_on_cpu(tmp_path):
     assert printed == json.loads(out.read_text())
     assert printed["training_step"]["config"]["dtype"] == "bfloat16"
     assert set(printed["training_step"]["per_r"]["4"]["time"]) == set(training_step.VARIANTS)
+
+
+def test_allocation_benchmark_energy_rule_is_peft_convert_to_lora_within_the_budget():
+    """The PEFT energy-fraction baseline of benchmarks/allocation.py --rules is PEFT's own rule, cut to the budget."""
+    from peft.tuners.lora.conversion import convert_to_lora
+
+    from benchmarks import allocation
+    from conftest import make_model
+    from matryoshka_lora import svd_order
+    from matryoshka_lora.spectrum import layer_spectra
+
+    model = make_model("llama", r=8, ranks=[1, 2, 4, 8], method="lora")
+    svd_order(model)
+    spectrum = layer_spectra(model)
+    unit = int(spectrum.sizes.sum())
+    seen = set()
+    for avg in (1, 1.5, 2, 3, 5, 8):
+        ranks, t = allocation.energy_fraction_ranks(spectrum, int(avg * unit))
+        params = float((ranks.double() * spectrum.sizes).sum())
+        assert params <= avg * unit
+        frac = (spectrum.sigma ** 2).cumsum(1) / (spectrum.sigma ** 2).sum(1, keepdim=True)  # (L, R)
+        above = frac[frac > t]
+        if above.numel():  # t is the largest that fits: just past the next energy fraction, the ranks do not
+            more = 1 + (frac <= above.min()).sum(1)
+            assert float((more.double() * spectrum.sizes).sum()) > avg * unit
+        peft_cfg, _ = convert_to_lora(model, t, progressbar=False)
+        assert peft_cfg.rank_pattern == {n: int(k) for n, k in zip(spectrum.names, ranks)}
+        seen.add(tuple(ranks.tolist()))
+    assert len(seen) > 3  # the budgets give different allocations

@@ -12,12 +12,15 @@ Budgets (`Budget`, `parse_budget`): `params:N` (that many adapter parameters), `
 full-rank adapter, every layer at R). modules_to_save tensors do not depend on ranks and are
 not counted.
 
-Search (greedy, the same path through every budget): every layer starts at min(S) (at 0, the
-adapter switched off, with `allow_off=True`). Each step raises the layer whose next rank in S
-has the largest estimated calibration-loss drop per added parameter; the path stops before
-the first step that would exceed the budget, and what is left of the budget is filled with
-the best steps that still fit. One path therefore gives every budget: `allocation_curve`
-walks it once and measures the loss at each budget point (the Pareto curve).
+Search (greedy, the same path through every budget): every layer starts at its smallest allowed
+rank (min(S); 0, the adapter switched off, with `allow_off=True`). Each step raises the layer
+whose next rank has the largest gain per added parameter; the path stops before the first step
+that would exceed the budget, and what is left of the budget is filled with the best steps that
+still fit. One path therefore gives every budget: `allocation_curve` walks it once and measures
+the loss at each budget point (the Pareto curve). The gain is one of two rules (`by`):
+`calibration`, the estimated calibration-loss drop below, over the ranks in S; or `spectrum`, the
+singular-value energy sigma^2 a step keeps, over every rank 1..R of an SVD-ordered adapter, with
+no data and no model (spectrum.py).
 
 Estimate (first order, one backward pass scores all layers at once): layer l runs
 `y = x W0 + ((x A) * v_l) B` with `v_l = s_k P_k` (R entries). Raising it from k to k'
@@ -52,6 +55,7 @@ from . import peft_seam
 from .evaluation.likelihood import _right_pad, completion_loss
 from .files import atomic_write_text
 from .model import get_controller, set_rank
+from .spectrum import layer_spectra
 from .weighting import prefix_weights
 
 UNITS = ("params", "avg-rank", "fraction")
@@ -136,9 +140,9 @@ class Allocation:
     rank_pattern: dict[str, int]  # every adapted layer -> rank; set_rank and export_rank accept it
     params: int  # sum_l k_l (m_l + n_l) <= budget_params
     avg_rank: float  # params / sum_l (m_l + n_l): the uniform rank of the same size
-    calibration_loss: float  # measured mean NLL per completion token on the calibration set
+    calibration_loss: float | None = None  # measured mean NLL per completion token on the calibration set
     heldout_loss: float | None = None  # the same on held-out examples (allocation_curve)
-    estimated_gain: float = 0.0  # the first-order estimate of the loss drop from the start, for comparison
+    estimated_gain: float = 0.0  # the rule's own score from the start: first-order loss drop, or sigma^2 kept
 
     @property
     def rank_counts(self) -> dict[int, int]:
@@ -164,12 +168,12 @@ class AllocationCurve:
                 "refreshes": self.refreshes, "config": self.config, "seconds": self.seconds}
 
     def write(self, out_dir: str | Path, stem: str = "allocation") -> dict[str, Path]:
-        """Write `<stem>.json` and, with two or more points, the plot `<stem>.png`; return the paths."""
+        """Write `<stem>.json` and, with two or more measured points, the plot `<stem>.png`; return the paths."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"json": out_dir / f"{stem}.json"}
         atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=1) + "\n")
-        if len(self.points) + len(self.uniform) >= 2:
+        if len(self.points) + len(self.uniform) >= 2 and _loss_key(self) is not None:
             paths["plot"] = plot_curve(self, out_dir / f"{stem}.png")
         return paths
 
@@ -187,18 +191,26 @@ def curve_table(curve: AllocationCurve) -> str:
         lines.append(f"| {p.budget} | {p.params:,} | {p.avg_rank:.2f} | {fmt(p.calibration_loss)} | "
                      f"{fmt(p.heldout_loss)} | {counts} |")
     for u in curve.uniform:
-        lines.append(f"| uniform r={u['rank']} | {u['params']:,} | {u['rank']:.2f} | {fmt(u['calibration_loss'])} | "
+        lines.append(f"| uniform r={u['rank']} | {u['params']:,} | {u['rank']:.2f} | {fmt(u.get('calibration_loss'))} | "
                      f"{fmt(u.get('heldout_loss'))} | {u['rank']}: all |")
     return "\n".join(lines) + "\n"
+
+
+def _loss_key(curve: AllocationCurve) -> str | None:
+    """The loss every point and uniform row has: held-out if measured, else calibration, else None."""
+    for key in ("heldout_loss", "calibration_loss"):
+        if all(getattr(p, key) is not None for p in curve.points) and all(u.get(key) is not None for u in curve.uniform):
+            return key
+    return None
 
 
 def plot_curve(curve: AllocationCurve, path: str | Path) -> Path:
     """Loss against adapter size (log2 axis): allocated per-layer ranks vs uniform rank."""
     from .report import new_plot, save_log2_plot
 
-    held = all(p.heldout_loss is not None for p in curve.points) and all(
-        u.get("heldout_loss") is not None for u in curve.uniform)
-    key = "heldout_loss" if held else "calibration_loss"
+    key = _loss_key(curve)
+    if key is None:
+        raise ValueError("Nothing to plot: no loss was measured (a spectrum allocation from the adapter file alone).")
     fig, ax = new_plot()
     ax.plot([p.params for p in curve.points], [getattr(p, key) for p in curve.points], marker="o",
             label="allocated per-layer ranks")
@@ -214,7 +226,7 @@ def plot_curve(curve: AllocationCurve, path: str | Path) -> Path:
 # -- the loss and its gradient with respect to every layer's rank vector ---------------------
 
 def _check_data(data: Sequence[Mapping], name: str) -> list[Mapping]:
-    data = list(data)
+    data = list(data) if data is not None else []
     if not data:
         raise ValueError(f"{name} is empty; pass encoded examples (prompts.encode_examples), e.g. 32 or more.")
     if not all(isinstance(e, Mapping) and "input_ids" in e and "labels" in e for e in data):
@@ -279,19 +291,18 @@ def _vector_gradients(model, layers, data: Sequence[Mapping], batch_size: int) -
 # -- the greedy path --------------------------------------------------------------------------
 
 class _Greedy:
-    """Walks the greedy path; `at(budget)` returns the allocation of a budget (budgets ascending)."""
+    """Walks the greedy path; `at(budget)` returns the allocation of a budget (budgets ascending).
 
-    def __init__(self, model, data, choices: list[int], refresh: float, batch_size: int, bar):
-        controller = get_controller(model)
-        config = controller.config
-        self.model, self.data, self.batch_size, self.refresh, self.bar = model, data, batch_size, refresh, bar
-        self.layers = list(peft_seam.lora_layers(model))
-        self.names = _layer_keys([name for name, _ in self.layers])
-        a_b = [peft_seam.factors(layer) for _, layer in self.layers]
-        self.sizes = torch.tensor([a.shape[1] + b.shape[0] for a, b in a_b], dtype=torch.float64)  # m_l + n_l
-        self.choices = choices
-        vectors = torch.stack([prefix_weights(config.r, k, config.scaling, config.alpha) for k in choices]).double()
-        self.steps = vectors[1:] - vectors[:-1]  # (C-1, R): d for each move choices[i] -> choices[i+1]
+    `score(pattern)` gives the gain of every layer's every move at the ranks `pattern`, (L, C-1),
+    and the calibration loss it measured (None if it measured none). It is called when the first
+    move is needed and again each time the adapter has grown by `refresh` (never with refresh=inf:
+    a fixed table). With `positive_only`, moves that gain nothing are never taken.
+    """
+
+    def __init__(self, names: list[str], sizes: torch.Tensor, choices: list[int], score, refresh: float, bar,
+                 positive_only: bool = False):
+        self.names, self.sizes, self.choices, self.score = names, sizes, choices, score  # sizes (L,): m_l + n_l
+        self.refresh, self.bar, self.positive_only = refresh, bar, positive_only
         ks = torch.tensor(choices, dtype=torch.float64)
         self.cost = self.sizes[:, None] * (ks[1:] - ks[:-1])[None, :]  # (L, C-1) parameters each move adds
         self.idx = torch.zeros(len(self.names), dtype=torch.long)  # index into choices, per layer
@@ -305,14 +316,13 @@ class _Greedy:
         return {name: self.choices[i] for name, i in zip(self.names, idx.tolist())}
 
     def _score(self) -> None:
-        """Recompute the first-order gains of every layer's next move at the current ranks."""
-        with set_rank(self.model, self.pattern()):
-            grads, loss = _vector_gradients(self.model, self.layers, self.data, self.batch_size)
-        self.gain = -(grads @ self.steps.T)  # (L, C-1): estimated loss drop of each move
+        """Recompute the gains of every layer's next move at the current ranks."""
+        self.gain, loss = self.score(self.pattern())
         self.scored_at = self.params
-        self.refreshes.append({"params": int(self.params), "calibration_loss": loss})
-        if self.bar is not None:
-            self.bar.set_postfix(gradient_passes=len(self.refreshes), loss=f"{loss:.4f}")
+        if loss is not None:
+            self.refreshes.append({"params": int(self.params), "calibration_loss": loss})
+            if self.bar is not None:
+                self.bar.set_postfix(gradient_passes=len(self.refreshes), loss=f"{loss:.4f}")
 
     def _best(self, idx: torch.Tensor, room: float | None) -> int | None:
         """The layer whose next move has the best gain per parameter (among those that fit in `room`)."""
@@ -321,6 +331,8 @@ class _Greedy:
         col = idx.clamp(max=len(self.choices) - 2)
         cost = self.cost[rows, col]
         ok = open_ if room is None else open_ & (cost <= room + 1e-9)
+        if self.positive_only:
+            ok &= self.gain[rows, col] > 0
         if not bool(ok.any()):
             return None
         ratio = torch.where(ok, self.gain[rows, col] / cost, torch.tensor(-math.inf, dtype=torch.float64))
@@ -361,6 +373,12 @@ class _Greedy:
 
 # -- public entry points ----------------------------------------------------------------------
 
+RULES = {"calibration": "first-order loss drop on calibration data",
+         "spectrum": "largest sigma^2 / (m + n) of the SVD-ordered adapter, no data"}
+ESTIMATORS = {"calibration": "first-order: dL/dv_l from one backward pass per refresh",
+              "spectrum": "sigma_i^2 / (m_l + n_l) of the SVD-ordered factors, no data (spectrum.py)"}
+
+
 def _layer_keys(names: Sequence[str]) -> list[str]:
     """Each layer's name as a set_rank / PEFT rank_pattern key that matches that layer alone."""
     keys = [re.escape(n) if any(o != n and peft_seam.matches(n, o) for o in names) else n for n in names]
@@ -377,12 +395,39 @@ def _measure(model, pattern, data, batch_size) -> float:
         return completion_loss(model, data, batch_size)["loss"]
 
 
+def _first_order_score(model, layers, data, choices: list[int], batch_size: int):
+    """The calibration rule's `score`: each move's estimated loss drop, -g_l . d (module docstring)."""
+    config = get_controller(model).config
+    vectors = torch.stack([prefix_weights(config.r, k, config.scaling, config.alpha) for k in choices]).double()
+    steps = vectors[1:] - vectors[:-1]  # (C-1, R): d for each move choices[i] -> choices[i+1]
+
+    def score(pattern):
+        with set_rank(model, pattern):
+            grads, loss = _vector_gradients(model, layers, data, batch_size)
+        return -(grads @ steps.T), loss  # (L, C-1)
+
+    return score
+
+
+def _choices(config, ranks, allow_off: bool, by: str) -> list[int]:
+    """The ranks a layer may take (0 first with allow_off)."""
+    if ranks is None:  # after SVD order every prefix is the best cut of its rank, trained or not
+        ranks = sorted(config.ranks) if by == "calibration" else range(1, config.r + 1)
+    ranks = list(ranks)
+    if not ranks or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config.r for k in ranks):
+        raise ValueError(f"ranks={ranks!r} must be integers in 1..{config.r}, e.g. the trained "
+                         f"{sorted(config.ranks)} (allow_off=True adds rank 0).")
+    return ([0] if allow_off else []) + sorted(set(ranks))
+
+
 def allocation_curve(
-    model: torch.nn.Module,
-    calibration_data: Sequence[Mapping],
+    model: torch.nn.Module | str | Path,
+    calibration_data: Sequence[Mapping] | None,
     budgets: str | Budget | Sequence[str | Budget] | None = None,
     heldout_data: Sequence[Mapping] | None = None,
     *,
+    by: str = "calibration",
+    ranks: Sequence[int] | None = None,
     allow_off: bool = False,
     refresh: float = 0.25,
     batch_size: int = 8,
@@ -392,20 +437,27 @@ def allocation_curve(
     """Allocate per-layer ranks at several budgets from one greedy path (the Pareto curve).
 
     The path is computed once up to the largest budget; each budget takes its allocation from
-    it, and its calibration loss (and held-out loss) is then measured.
+    it, and its loss on the data given is then measured.
 
     Args:
         model: A matryoshka model (load_matryoshka_model); its mode is restored afterwards.
+            With by="spectrum" also an SVD-ordered adapter directory, read without a base model
+            (nothing is measured then).
         calibration_data: Encoded examples ({"input_ids", "labels"}, `prompts.encode_examples`)
-            whose completion loss steers the search.
+            whose completion loss steers the calibration search. by="spectrum" uses no data:
+            pass None, or examples whose loss is only measured.
         budgets: Budgets (`parse_budgets`); default: the size of every uniform rank in S and the
             geometric midpoints between neighbours (avg-rank:1, 1.41, 2, 2.83, ...).
         heldout_data: Encoded examples not used for calibration; their loss is measured at each
             point and for each uniform rank.
+        by: "calibration" (first-order loss drop on calibration_data) or "spectrum" (the
+            largest sigma^2 / (m + n) of an SVD-ordered adapter, no data; spectrum.py).
+        ranks: The ranks a layer may take. Default: the trained set S for calibration, every
+            rank 1..R for spectrum (after SVD order each prefix is the best cut of its rank).
         allow_off: Let a layer stay at rank 0 (adapter off); the path then starts at 0.
-        refresh: Recompute the gradients after the adapter has grown by this fraction.
+        refresh: Calibration: recompute the gradients after the adapter has grown by this fraction.
         batch_size: Sequences per forward/backward pass.
-        uniform: Also measure every uniform rank in S, for comparison.
+        uniform: Also measure every uniform rank in S, for comparison (needs the model and data).
         progress: Show a progress bar (parameters added along the path).
 
     Returns:
@@ -413,20 +465,42 @@ def allocation_curve(
         the gradient passes; `.write(out_dir)` saves JSON and a PNG plot.
 
     Raises:
-        ValueError: a budget below the smallest allocation (every layer at min(S), or 0 with
-            allow_off) or above the largest (every layer at max(S)); empty or unscored data.
+        ValueError: a budget below the smallest allocation (every layer at the smallest rank, or
+            0 with allow_off) or above the largest (every layer at the largest); empty or unscored
+            data; an unknown rule; by="spectrum" on an adapter that is not SVD-ordered.
     """
     started = time.perf_counter()
-    config = get_controller(model).config
-    calibration_data = _check_data(calibration_data, "calibration_data")
+    if by not in RULES:
+        raise ValueError(f"Unknown allocation rule by={by!r}. Available: " + ", ".join(f"{k} ({v})" for k, v in RULES.items()))
+    live = isinstance(model, torch.nn.Module)
+    if by == "calibration" and not live:
+        raise ValueError(f"by='calibration' needs the model, load_matryoshka_model(base, {str(model)!r}); only "
+                         "by='spectrum' works from the adapter directory alone.")
+    if by == "calibration" or calibration_data is not None:
+        calibration_data = _check_data(calibration_data, "calibration_data")
     if heldout_data is not None:
         heldout_data = _check_data(heldout_data, "heldout_data")
+    if not live and (calibration_data is not None or heldout_data is not None):
+        raise ValueError("Measuring a loss needs the model: pass load_matryoshka_model(base, adapter_dir) instead of "
+                         "the directory, or no data.")
     if not (isinstance(refresh, (int, float)) and refresh > 0):
         raise ValueError(f"refresh={refresh!r} must be a positive fraction, e.g. 0.25 (recompute the gradients "
                          "every time the adapter grows by 25%).")
-    choices = ([0] if allow_off else []) + sorted(config.ranks)
-    sizes = [a.shape[1] + b.shape[0] for a, b in (peft_seam.factors(layer) for _, layer in peft_seam.lora_layers(model))]
-    unit = sum(sizes)
+    if by == "calibration":
+        config = get_controller(model).config
+        layers = list(peft_seam.lora_layers(model))
+        names = [name for name, _ in layers]
+        sizes = torch.tensor([a.shape[1] + b.shape[0] for a, b in (peft_seam.factors(layer) for _, layer in layers)],
+                             dtype=torch.float64)  # m_l + n_l
+        choices = _choices(config, ranks, allow_off, by)
+        score, every = _first_order_score(model, layers, calibration_data, choices, batch_size), refresh
+    else:
+        spectrum = layer_spectra(model)
+        config, names, sizes = spectrum.config, spectrum.names, spectrum.sizes
+        choices = _choices(config, ranks, allow_off, by)
+        gains = spectrum.gains(choices)
+        score, every = (lambda pattern: (gains, None)), math.inf  # fixed gains: never re-scored
+    unit = int(sizes.sum())
     if budgets is None:
         ks = sorted(config.ranks)
         values = sorted({float(k) for k in ks} | {math.sqrt(a * b) for a, b in zip(ks, ks[1:])})
@@ -448,76 +522,91 @@ def allocation_curve(
         targets.append((n, b))
     targets.sort(key=lambda t: t[0])
 
-    was_training = model.training
-    model.eval()
+    was_training = live and model.training
+    if live:
+        model.eval()
     points = []
     try:
         with tqdm(total=int(targets[-1][0] - lo), desc="allocate (params added)", unit="param", unit_scale=True,
                   disable=not progress) as bar:
-            walker = _Greedy(model, calibration_data, choices, refresh, batch_size, bar)
+            walker = _Greedy(_layer_keys(names), sizes, choices, score, every, bar, positive_only=by == "spectrum")
             for n, b in targets:
                 pattern, params, gain = walker.at(n)
-                bar.set_description(f"measure {b}")
-                point = Allocation(str(b), n, pattern, int(params), params / unit,
-                                   _measure(model, pattern, calibration_data, batch_size), estimated_gain=gain)
-                if heldout_data is not None:
-                    point.heldout_loss = _measure(model, pattern, heldout_data, batch_size)
+                point = Allocation(str(b), n, pattern, int(params), params / unit, estimated_gain=gain)
+                if calibration_data is not None or heldout_data is not None:
+                    bar.set_description(f"measure {b}")
+                    if calibration_data is not None:
+                        point.calibration_loss = _measure(model, pattern, calibration_data, batch_size)
+                    if heldout_data is not None:
+                        point.heldout_loss = _measure(model, pattern, heldout_data, batch_size)
+                    bar.set_description("allocate (params added)")
                 points.append(point)
-                bar.set_description("allocate (params added)")
         uniform_rows = []
-        if uniform:
+        if uniform and live and (calibration_data is not None or heldout_data is not None):
             for k in sorted(config.ranks):
-                row = {"rank": k, "params": k * unit,
-                       "calibration_loss": _measure(model, k, calibration_data, batch_size)}
+                row = {"rank": k, "params": k * unit}
+                if calibration_data is not None:
+                    row["calibration_loss"] = _measure(model, k, calibration_data, batch_size)
                 if heldout_data is not None:
                     row["heldout_loss"] = _measure(model, k, heldout_data, batch_size)
                 uniform_rows.append(row)
     finally:
-        model.train(was_training)
-    settings = {"ranks": choices, "allow_off": allow_off, "refresh": refresh, "batch_size": batch_size,
-                "n_calibration": len(calibration_data), "n_heldout": len(heldout_data) if heldout_data else 0,
-                "layers": len(sizes), "unit_params": unit, "r": config.r,
-                "estimator": "first-order: dL/dv_l from one backward pass per refresh"}
+        if live:
+            model.train(was_training)
+    settings = {"by": by, "ranks": choices, "allow_off": allow_off, "refresh": refresh if by == "calibration" else None,
+                "batch_size": batch_size, "n_calibration": len(calibration_data) if calibration_data else 0,
+                "n_heldout": len(heldout_data) if heldout_data else 0, "layers": len(names), "unit_params": unit,
+                "r": config.r, "estimator": ESTIMATORS[by]}
     return AllocationCurve(points, uniform_rows, walker.refreshes, settings, time.perf_counter() - started)
 
 
 def allocate_ranks(
-    model: torch.nn.Module,
-    calibration_data: Sequence[Mapping],
+    model: torch.nn.Module | str | Path,
+    calibration_data: Sequence[Mapping] | None,
     budget: str | Budget,
     *,
+    by: str = "calibration",
+    ranks: Sequence[int] | None = None,
     allow_off: bool = False,
     refresh: float = 0.25,
     batch_size: int = 8,
     progress: bool = True,
 ) -> Allocation:
-    """Choose a rank from S for every adapted layer so the adapter fits `budget` (greedy, first-order).
+    """Choose a rank for every adapted layer so the adapter fits `budget` (greedy).
 
-    See the module docstring for the search and the estimate. The model is left in the mode
-    it was in; run the result with `set_rank(model, allocation.rank_pattern)` or write it as a
-    plain PEFT adapter with `export_rank(model, allocation.rank_pattern, out_dir)`.
+    See the module docstring for the search and the calibration estimate, and spectrum.py for
+    the data-free rule. The model is left in the mode it was in; run the result with
+    `set_rank(model, allocation.rank_pattern)` or write it as a plain PEFT adapter with
+    `export_rank(model, allocation.rank_pattern, out_dir)` (by="spectrum" picks ranks outside
+    S: pass allow_untrained=True, every prefix of an SVD-ordered adapter is the best cut).
 
     Args:
-        model: A matryoshka model (load_matryoshka_model).
+        model: A matryoshka model (load_matryoshka_model); with by="spectrum" an SVD-ordered
+            one (svd_order), or an SVD-ordered adapter directory (svd_adapter; no base model).
         calibration_data: Encoded examples ({"input_ids", "labels"}, `prompts.encode_examples`),
-            e.g. 32-128 from the validation split.
+            e.g. 32-128 from the validation split; None for by="spectrum" (or examples whose
+            loss is then only measured).
         budget: "params:N", "avg-rank:A" (the size of uniform rank A) or "fraction:F" (of the
             full-rank adapter), or a `Budget`.
+        by: "calibration" (first-order loss drop on the calibration data) or "spectrum" (the
+            largest sigma^2 / (m + n), no data).
+        ranks: The ranks a layer may take (default: S for calibration, 1..R for spectrum).
         allow_off: Let layers stay at rank 0 (adapter off; export leaves them out).
-        refresh: Recompute the gradients after the adapter has grown by this fraction.
+        refresh: Calibration: recompute the gradients after the adapter has grown by this fraction.
         batch_size: Sequences per forward/backward pass.
         progress: Show a progress bar.
 
     Returns:
         An `Allocation`: rank_pattern {layer: k}, params <= the budget, and the measured
-        calibration loss.
+        calibration loss (None when no data was given).
 
     Raises:
         ValueError: a malformed, negative, too small or too large budget (the message gives
-            the valid range), or empty calibration data.
+            the valid range), empty calibration data, or (spectrum) an adapter that is not
+            SVD-ordered (the message says how to order it).
     """
     if isinstance(budget, (list, tuple)):
         raise ValueError("allocate_ranks takes one budget; use allocation_curve for several.")
-    curve = allocation_curve(model, calibration_data, [parse_budget(budget)], allow_off=allow_off, refresh=refresh,
-                             batch_size=batch_size, uniform=False, progress=progress)
+    curve = allocation_curve(model, calibration_data, [parse_budget(budget)], by=by, ranks=ranks, allow_off=allow_off,
+                             refresh=refresh, batch_size=batch_size, uniform=False, progress=progress)
     return curve.points[0]

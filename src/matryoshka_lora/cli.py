@@ -261,9 +261,11 @@ def _allocate(args):
     from .allocation import curve_table
     from .experiment import allocate
 
-    curve, paths = allocate(run_config(args), args.adapter, args.budget, sweep=args.sweep, out_dir=args.out,
+    curve, paths = allocate(run_config(args), args.adapter, args.budget, by=args.by, sweep=args.sweep, out_dir=args.out,
                             num_calibration=args.num_calibration, export=args.export, allow_off=args.allow_off,
                             refresh=args.refresh)
+    for note in curve.config.get("notes", []):
+        print("note:", note)
     print(curve_table(curve))
     for name, path in paths.items():
         print(f"wrote {name}: {path}")
@@ -301,7 +303,13 @@ def _recommend_args(p):
 
 
 def _allocate_options(p):
-    p.add_argument("--adapter", required=True, type=Path, help="Nested adapter directory written by `mlora train`.")
+    p.add_argument("--adapter", required=True, type=Path,
+                   help="Nested adapter directory written by `mlora train`; with --by spectrum any LoRA adapter.")
+    p.add_argument("--by", choices=["calibration", "spectrum"], default="calibration",
+                   help="calibration: first-order loss drop on --num-calibration validation examples (loads the "
+                        "model). spectrum: keep the largest sigma^2 / (m + n) of the SVD-ordered adapter, no data, no "
+                        "model (unless --sweep); an adapter that is not SVD-ordered is first written ordered to "
+                        "OUT/adapter-svd, and the ranks are its prefixes.")
     p.add_argument("--budget", default=None, metavar="UNIT:VALUE[,..]",
                    help="Budget(s), comma-separated: avg-rank:4 (the size of uniform rank 4), params:500000 "
                         "(adapter parameters) or fraction:0.25 (of the full-rank adapter).")
@@ -333,7 +341,8 @@ COMMANDS = {  # name -> (library call, help, functions adding its flags)
     "svd": (_svd, "Re-factor any LoRA adapter (nested or plain PEFT) by SVD so that every rank prefix is the best "
                   "low-rank cut of its delta; the result works with every mlora command (no base model needed).",
             [_svd_args]),
-    "allocate": (_allocate, "Choose a rank per layer under a parameter budget, from one nested adapter (no retraining).",
+    "allocate": (_allocate, "Choose a rank per layer under a parameter budget, from one nested adapter (no retraining), "
+                            "by calibration loss or, data-free, by the adapter's singular values.",
                  [add_run_options, _allocate_options]),
     "recommend": (_recommend, "Print the smallest rank within --tolerance points of the best, and the rank table.",
                   [_recommend_args]),

@@ -285,58 +285,79 @@ def _adapter_params(model) -> int:
 
 
 @locks_output("allocate", lambda a: a["out_dir"] or Path(a["adapter_dir"]).parent / "allocation")
-def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, sweep: bool = False,
+def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, by: str = "calibration", sweep: bool = False,
              out_dir: str | Path | None = None, num_calibration: int = 32, export: bool = False,
              allow_off: bool = False, refresh: float = 0.25):
     """`mlora allocate`: per-layer ranks of a nested adapter under one or more budgets (allocation.py).
 
-    Calibration examples are the first `num_calibration` of the validation split (carved out of
-    the training data); held-out examples (`sweep`) are the first `run.data.num_eval` (default
-    64) of the test split, so the two never overlap. Writes into `out_dir` (default: `allocation/` next to the adapter)
-    `allocation.json`, one `rank_pattern-<budget>.json` per budget (a {layer: rank} dict for
-    `set_rank` / `export_rank`), with `export` a plain PEFT adapter `adapter-<budget>/` each,
-    and with `sweep` the plot `allocation.png`.
+    by="calibration": calibration examples are the first `num_calibration` of the validation
+    split (carved out of the training data). by="spectrum" uses no data and loads no model
+    (unless `sweep`); `adapter_dir` may then be any LoRA adapter, nested or plain PEFT: one that
+    is not SVD-ordered is first written SVD-ordered to `adapter-svd/` in the output directory,
+    and the ranks are prefixes of that adapter. Held-out examples (`sweep`) are the first
+    `run.data.num_eval` (default 64) of the test split, so they never overlap the calibration ones.
+    Writes into `out_dir` (default: `allocation/` next to the adapter) `allocation.json`, one
+    `rank_pattern-<budget>.json` per budget (a {layer: rank} dict for `set_rank` / `export_rank`
+    on the allocated adapter), with `export` a plain PEFT adapter `adapter-<budget>/` each, and
+    with `sweep` the plot `allocation.png`.
 
     Args:
         run: Model, data and batch size (`eval_batch_size`) settings.
-        adapter_dir: A nested adapter written by `mlora train`.
+        adapter_dir: A nested adapter written by `mlora train` (by="spectrum": any LoRA adapter).
         budgets: "avg-rank:4", "params:500000", "fraction:0.25", a list, or a comma-separated
             string; with `sweep` and no budgets, every uniform rank of S and the midpoints.
+        by: "calibration" or "spectrum" (see `allocation.allocation_curve`).
         sweep: Measure held-out loss at every budget and at every uniform rank (the Pareto curve).
 
     Returns:
         (`allocation.AllocationCurve`, {name: written path}).
     """
-    from .allocation import allocation_curve
+    from .allocation import RULES, allocation_curve
     from .export import export_rank
+    from .spectrum import adapter_is_svd_ordered
+    from .svd import svd_adapter
 
+    if by not in RULES:
+        raise ValueError(f"Unknown allocation rule by={by!r}. Available: {', '.join(RULES)}.")
     if not budgets and not sweep:
         raise ValueError("Pass --budget (e.g. --budget avg-rank:4, params:500000 or fraction:0.25) or --sweep "
                          "for the whole budget curve.")
     if not isinstance(num_calibration, int) or num_calibration < 1:
         raise ValueError(f"num_calibration={num_calibration!r} must be a positive integer, e.g. 64.")
-    check_inputs(run, adapter_dir=adapter_dir)
-    calibration = load_examples(dataclasses.replace(run.data, num_eval=num_calibration), "validation")
-    heldout = None
-    if sweep:  # the whole test split can be large (arith: 500); default to 64 held-out examples
-        heldout = load_examples(run.data if run.data.num_eval else dataclasses.replace(run.data, num_eval=64), "test")
-    base, tokenizer = load_model_for(run)
-    model = load_matryoshka_model(base, adapter_dir)
-    m = run.model
-    calibration = encode_examples(tokenizer, calibration, m.chat_template, m.max_length)
-    if heldout is not None:
-        heldout = encode_examples(tokenizer, heldout, m.chat_template, m.max_length)
-    # a backward pass keeps every layer's activations: at most 8 sequences at a time (SmolLM2, batch 16: 7 GB)
-    curve = allocation_curve(model, calibration, budgets or None, heldout, allow_off=allow_off, refresh=refresh,
-                             batch_size=min(run.eval.eval_batch_size, 8), uniform=sweep)
-    curve.config.update(adapter=str(adapter_dir), model=m.model, dataset=run.data.dataset)
     out = Path(out_dir) if out_dir is not None else Path(adapter_dir).parent / "allocation"
-    paths = {k: v for k, v in curve.write(out).items()}
+    paths = {}
+    source, notes = adapter_dir, []
+    if by == "spectrum" and not adapter_is_svd_ordered(adapter_dir):
+        adapter_dir, notes = svd_adapter(adapter_dir, out / "adapter-svd", overwrite=True)
+        paths["SVD-ordered adapter (the rank patterns are its prefixes)"] = adapter_dir
+    m = run.model
+    model = calibration = heldout = None
+    if by == "calibration" or sweep:
+        # fail fast: the model path, the adapter and the data are checked before the model loads
+        check_inputs(run, adapter_dir=adapter_dir)
+        if by == "calibration":
+            calibration = load_examples(dataclasses.replace(run.data, num_eval=num_calibration), "validation")
+        if sweep:  # the whole test split can be large (arith: 500); default to 64 held-out examples
+            heldout = load_examples(run.data if run.data.num_eval else dataclasses.replace(run.data, num_eval=64), "test")
+        base, tokenizer = load_model_for(run)
+        model = load_matryoshka_model(base, adapter_dir)
+        if calibration is not None:
+            calibration = encode_examples(tokenizer, calibration, m.chat_template, m.max_length)
+        if heldout is not None:
+            heldout = encode_examples(tokenizer, heldout, m.chat_template, m.max_length)
+    # a backward pass keeps every layer's activations: at most 8 sequences at a time (SmolLM2, batch 16: 7 GB)
+    curve = allocation_curve(model if model is not None else adapter_dir, calibration, budgets or None, heldout, by=by,
+                             allow_off=allow_off, refresh=refresh, batch_size=min(run.eval.eval_batch_size, 8),
+                             uniform=sweep)
+    curve.config.update(adapter=str(adapter_dir), source=str(source), notes=notes,
+                        model=m.model if model is not None else None,
+                        dataset=run.data.dataset if calibration is not None or heldout is not None else None)
+    paths.update(curve.write(out))
     for point in curve.points:
         slug = point.budget.replace(":", "-")
         path = atomic_write_text(out / f"rank_pattern-{slug}.json", json.dumps(point.rank_pattern, indent=1) + "\n")
         paths[f"rank_pattern {point.budget}"] = path
-        if export:
+        if export:  # spectrum ranks lie outside S on purpose: every prefix of an SVD-ordered adapter is its best cut
             paths[f"adapter {point.budget}"] = export_rank(adapter_dir, point.rank_pattern, out / f"adapter-{slug}",
-                                                           overwrite=True)
+                                                           overwrite=True, allow_untrained=by == "spectrum")
     return curve, paths
