@@ -15,8 +15,12 @@ def build(method, ranks, r=8):
 
 
 def trainer_loss(model, batch, tmp_path):
+    """The Trainer's loss for `batch`: a training step (its backward included) in training mode, else compute_loss."""
     trainer = MatryoshkaTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
                                                                     use_cpu=True))
+    if model.training:
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() in a real run
+        return trainer.training_step(model, dict(batch))
     return trainer.compute_loss(model, dict(batch))
 
 
@@ -36,12 +40,11 @@ def batch():
 def test_single_rank_equals_plain_training_at_that_rank(batch, tmp_path):
     multi = build("multirank", [4])
     loss = trainer_loss(multi, batch, tmp_path)
-    loss.backward()
     ref = build("lora", [4], r=8)
     with set_rank(ref, 4):
         ref_loss = ref(**batch).loss
     ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, ref_loss.detach(), atol=1e-6, rtol=1e-6)
     g, g_ref = grads(multi), grads(ref)
     for name in g:
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5)
@@ -50,7 +53,6 @@ def test_single_rank_equals_plain_training_at_that_rank(batch, tmp_path):
 def test_two_ranks_equal_mean_of_separate_losses(batch, tmp_path):
     multi = build("multirank", [2, 8])
     loss = trainer_loss(multi, batch, tmp_path)
-    loss.backward()
     ref = build("multirank", [2, 8])
     losses = []
     for k in (2, 8):
@@ -58,7 +60,7 @@ def test_two_ranks_equal_mean_of_separate_losses(batch, tmp_path):
             losses.append(ref(**batch).loss)
     mean = (losses[0] + losses[1]) / 2
     mean.backward()
-    torch.testing.assert_close(loss, mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, mean.detach(), atol=1e-6, rtol=1e-6)
     g, g_ref = grads(multi), grads(ref)
     assert g
     for name in g:
@@ -82,7 +84,6 @@ def test_ranks_per_step_trains_largest_plus_drawn_ranks(batch, tmp_path):
     assert draws == [controller.step_ranks(step) for step in range(40)]  # a pure function of (seed, step)
     # the step's loss is the mean of the two drawn ranks' losses, gradients included
     loss = trainer_loss(model, batch, tmp_path)
-    loss.backward()
     ref = build("multirank", [1, 2, 4, 8])
     losses = []
     for k in draws[0]:  # a fresh Trainer is at global step 0
@@ -90,7 +91,7 @@ def test_ranks_per_step_trains_largest_plus_drawn_ranks(batch, tmp_path):
             losses.append(ref(**batch).loss)
     mean = sum(losses) / 2
     mean.backward()
-    torch.testing.assert_close(loss, mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, mean.detach(), atol=1e-6, rtol=1e-6)
     g, g_ref = grads(model), grads(ref)
     for name in g:
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5)
@@ -104,3 +105,14 @@ def test_ranks_per_step_trains_largest_plus_drawn_ranks(batch, tmp_path):
 def test_ranks_per_step_is_validated(extra, message):
     with pytest.raises(ValueError, match=message):
         MatryoshkaConfig(r=8, ranks=[1, 2, 4, 8], **extra)
+
+
+def test_multirank_with_activation_checkpointing_equals_without(batch, tmp_path):
+    """The recomputed forward of a checkpointed layer runs at the same row ranks as the first one."""
+    plain, ckpt = build("multirank", [2, 8]), build("multirank", [2, 8])
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.enable_input_require_grads()
+    torch.testing.assert_close(trainer_loss(ckpt, batch, tmp_path), trainer_loss(plain, batch, tmp_path))
+    g, g_ref = grads(ckpt), grads(plain)
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5)

@@ -1,10 +1,11 @@
 """Training on the Hugging Face Trainer (so `accelerate launch` scales it with DDP/FSDP/DeepSpeed).
 
-We add one callback and override three Trainer methods (plus `_get_output_dir`, to point a save
+We add one callback and override two Trainer methods (plus `_get_output_dir`, to point a save
 at its staging directory), nothing else of its loop:
-- multirank: `compute_loss` stacks the batch |S| times and copy i runs at rank S_i (one masked
-  bottleneck, `set_row_ranks`), so one forward/backward gives the exact mean of the |S| rank
-  losses, at |S| times the compute. With `ranks_per_step = n` it stacks n copies: the largest
+- multirank (`MultirankLoss`, a mixin TRL's SFTTrainer takes too): `training_step` stacks the
+  batch |S| times and copy i runs at rank S_i (one masked bottleneck, `set_row_ranks`, kept
+  through the backward so activation checkpointing recomputes the same forward), so one
+  forward/backward gives the exact mean of the |S| rank losses, at |S| times the compute. With `ranks_per_step = n` it stacks n copies: the largest
   rank plus n - 1 drawn from the rest of S per step (a pure function of (seed, step)).
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
   under gradient accumulation), or with `dylora_draw="micro_batch"` one per micro-batch (again
@@ -200,7 +201,27 @@ def stack_for_ranks(inputs: dict, ranks) -> tuple[dict, torch.Tensor]:
     return {**inputs, **stacked}, torch.tensor(ranks, dtype=torch.long).repeat_interleave(batch)
 
 
-class MatryoshkaTrainer(Trainer):
+class MultirankLoss:
+    """Trainer mixin: multirank's exact objective, the mean of the rank losses in one row-stacked batch.
+
+    Put it before the Trainer class it extends (`class T(MultirankLoss, Trainer)`); other methods
+    pass through. The row ranks stay set through the backward pass, so activation checkpointing
+    recomputes the same forward. Used by `MatryoshkaTrainer` and by the TRL trainer in `sft.py`.
+    """
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        controller = get_controller(model)
+        if controller.config.method != "multirank":
+            return super().training_step(model, inputs, num_items_in_batch)
+        ranks = controller.step_ranks(self.state.global_step)
+        stacked, rows = stack_for_ranks(inputs, ranks)
+        if num_items_in_batch is not None:  # every copy has the same label tokens
+            num_items_in_batch = num_items_in_batch * len(ranks)
+        with set_row_ranks(model, rows):
+            return super().training_step(model, stacked, num_items_in_batch)
+
+
+class MatryoshkaTrainer(MultirankLoss, Trainer):
     """The HF Trainer with multirank, a per-step NaN/inf stop and atomic checkpoints (see the module docstring)."""
 
     _staging: str | None = None  # while a checkpoint is being written: the directory it goes to
@@ -216,17 +237,6 @@ class MatryoshkaTrainer(Trainer):
         # FSDP2 parameters are DTensors: each process checks its own shard, _any_process combines.
         local = (p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters() if p.requires_grad)
         return not self._any_process(any(not bool(torch.isfinite(t).all()) for t in local))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        controller = get_controller(model)
-        if controller.config.method != "multirank" or not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        ranks = controller.step_ranks(self.state.global_step)
-        stacked, rows = stack_for_ranks(inputs, ranks)
-        if num_items_in_batch is not None:  # every copy has the same label tokens
-            num_items_in_batch = num_items_in_batch * len(ranks)
-        with set_row_ranks(model, rows):
-            return super().compute_loss(model, stacked, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
