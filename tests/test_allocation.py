@@ -103,7 +103,7 @@ def test_budget_is_never_exceeded_and_ranks_come_from_the_allowed_set(spec, by, 
     alloc = allocate_ranks(model, random_data(), spec, by=by, ranks=ranks, progress=False)
     assert set(alloc.rank_pattern) == set(size) and set(alloc.rank_pattern.values()) <= set(allowed)
     params = sum(k * size[name] for name, k in alloc.rank_pattern.items())
-    assert alloc.params == params == rank_footprint(model, alloc.rank_pattern).params
+    assert alloc.params == params == rank_footprint(model, alloc.rank_pattern, layout="compact").params
     assert params <= alloc.budget_params == parse_budget(spec).to_params(sum(size.values()), 8)
     # nothing left that would still fit: the next rank of every layer is too expensive
     room = alloc.budget_params - params
@@ -121,7 +121,7 @@ def test_allocation_round_trips_through_export_and_plain_peft(arch, allow_off, b
     assert (0 in alloc.rank_pattern.values()) == allow_off
     (tmp_path / "pattern.json").write_text(json.dumps(alloc.rank_pattern))
     pattern = json.loads((tmp_path / "pattern.json").read_text())
-    out = export_rank(model, pattern, tmp_path / "plain")
+    out = export_rank(model, pattern, tmp_path / "plain", layout="compact")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] and cfg["alpha_pattern"].keys() == cfg["rank_pattern"].keys()
     plain = PeftModel.from_pretrained(BUILDERS[arch](0), str(out)).eval()
@@ -235,7 +235,7 @@ def test_smollm2_all_210_modules_within_budget(tmp_path):
     alloc = allocate_ranks(model, calib, "avg-rank:2", refresh=0.5, progress=False)
     assert len(alloc.rank_pattern) == 210 and set(alloc.rank_pattern.values()) <= {1, 2, 4, 8, 16, 32}
     assert alloc.params <= alloc.budget_params == 2 * sum(sizes(model).values())
-    out = export_rank(model, alloc.rank_pattern, tmp_path / "plain")
+    out = export_rank(model, alloc.rank_pattern, tmp_path / "plain", layout="compact")
     assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
 
 

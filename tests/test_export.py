@@ -99,10 +99,28 @@ MIXED = {
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("scaling", ["none", "sqrt"])
+def test_portable_per_layer_export_has_no_patterns_and_same_logits(arch, scaling, tmp_path, input_ids):
+    model = make_model(arch, r=8, scaling=scaling, alpha=1.5)
+    pattern, default = MIXED[arch]
+    out = export_rank(model, pattern, tmp_path / "portable", default=default)  # layout="portable" is the default
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    # one r and lora_alpha = r: PEFT, vLLM (one global lora_alpha / r) and llama.cpp (alpha / tensor rank) all scale by 1
+    assert not cfg["rank_pattern"] and not cfg["alpha_pattern"] and cfg["lora_alpha"] == cfg["r"] == 8
+    with set_rank(model, pattern, default=default) as controller:
+        expected = model(input_ids=input_ids).logits
+        kept = {name for name, k in controller.mode.items() if k > 0}
+    plain = plain_peft(arch, out)
+    torch.testing.assert_close(plain(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+    from matryoshka_lora.peft_seam import lora_layers
+    assert {name for name, _ in lora_layers(plain)} == kept  # the rank-0 layer is still left out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_mixed_rank_pattern_round_trips_through_plain_peft(arch, tmp_path, input_ids):
     model = make_model(arch, r=8)
     pattern, default = MIXED[arch]
-    out = export_rank(model, pattern, tmp_path / "mixed", default=default)
+    out = export_rank(model, pattern, tmp_path / "mixed", default=default, layout="compact")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] and cfg["alpha_pattern"].keys() == cfg["rank_pattern"].keys()
     plain = plain_peft(arch, out)
@@ -171,11 +189,14 @@ def test_footprint_is_the_exported_file_size(arch, tmp_path):
     model = make_model(arch, r=8)
     save_matryoshka(model, tmp_path / "nested")
     pattern, default = MIXED[arch]
-    for rank in [1, 8, pattern]:
-        out = export_rank(tmp_path / "nested", rank, tmp_path / f"e{len(list(tmp_path.iterdir()))}", default=default)
-        fp = rank_footprint(tmp_path / "nested", rank, default=default)
+    for rank, layout in [(1, "portable"), (8, "portable"), (pattern, "portable"), (pattern, "compact")]:
+        out = export_rank(tmp_path / "nested", rank, tmp_path / f"e{len(list(tmp_path.iterdir()))}", default=default,
+                          layout=layout)
+        fp = rank_footprint(tmp_path / "nested", rank, default=default, layout=layout)
         assert fp.size_bytes == (out / "adapter_model.safetensors").stat().st_size
         assert fp.params == sum(w.numel() for w in load_file(str(out / "adapter_model.safetensors")).values())
+    padded, compact = (rank_footprint(model, pattern, default=default, layout=lay) for lay in ("portable", "compact"))
+    assert padded.params > compact.params
     # trainable params = k * sum(m + n): tiny Llama has q 64+64, k/v 64+32, o 64+64, gate/up 64+128, down 128+64
     if arch == "llama":
         assert rank_footprint(model, 4).params == 4 * 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
@@ -261,9 +282,18 @@ def test_cli_export_several_ranks(tmp_path, capsys, input_ids):
                                    model(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
     assert cli_main(["export", str(tmp_path / "nested"), "--rank", "8", "--out", str(tmp_path / "x" / "rank-8")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    capsys.readouterr()
     cli_main(["export", str(tmp_path / "nested"), "--rank", "c_attn=2,c_fc=0", "--default-rank", "4",
               "--out", str(tmp_path / "mixed")])
-    assert json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())["rank_pattern"]
+    out = capsys.readouterr().out
+    assert "portable layout" in out and "rank 4 with --max-lora-rank 8" in out  # vLLM takes 1, 8, 16, ...
+    assert not json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())["rank_pattern"]
+    cli_main(["export", str(tmp_path / "nested"), "--rank", "c_attn=2,c_fc=0", "--default-rank", "4",
+              "--out", str(tmp_path / "compact"), "--layout", "compact"])
+    assert "compact layout" in capsys.readouterr().out
+    assert json.loads((tmp_path / "compact" / "adapter_config.json").read_text())["rank_pattern"]
+    cli_main(["export", str(tmp_path / "nested"), "--rank", "8", "--out", str(tmp_path / "r8")])
+    assert "note:" not in capsys.readouterr().out  # rank 8, one rank: nothing to say
 
 
 def test_folded_adapter_exports_and_reloads(tmp_path, input_ids):

@@ -123,7 +123,7 @@ def test_plain_peft_adapter_through_svd_adapter(tmp_path, input_ids):
     own = {name: layer.r["default"] for name, layer in lora_layers(peft_model)}
     assert full.rank_pattern == own and full.params < full.budget_params
 
-    exported = export_rank(out, from_file.rank_pattern, tmp_path / "alloc", allow_untrained=True)
+    exported = export_rank(out, from_file.rank_pattern, tmp_path / "alloc", allow_untrained=True, layout="compact")
     plain = PeftModel.from_pretrained(BUILDERS["llama"](0), str(exported)).eval()
     assert {name: layer.r["default"] for name, layer in lora_layers(plain)} == from_file.rank_pattern
     with set_rank(loaded, from_file.rank_pattern):

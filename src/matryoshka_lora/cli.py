@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import types
@@ -208,11 +209,16 @@ def _demo_options(p):
 
 
 def _export(args):
-    from .export import export_rank
+    from .export import export_rank, serving_notes
 
     out = export_rank(args.adapter, args.rank, args.out, default=args.default_rank, overwrite=args.overwrite,
-                      allow_untrained=args.allow_untrained, results=args.results, method=args.method)
+                      allow_untrained=args.allow_untrained, results=args.results, method=args.method,
+                      layout=args.layout)
     for path in out if isinstance(out, list) else [out]:
+        cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+        per_layer = "=" in str(args.rank)
+        for note in serving_notes(max([cfg["r"], *(cfg.get("rank_pattern") or {}).values()]), per_layer, args.layout):
+            print("note:", note)
         print(f"wrote {path}")
 
 
@@ -286,6 +292,9 @@ def _export_args(p):
     _rank_args(p, "export")
     p.add_argument("--results", default=None, help="results.json: the card then lists the measured accuracy at each rank.")
     p.add_argument("--method", default=None, help="Method in --results to read (needed when it holds several).")
+    p.add_argument("--layout", choices=["portable", "compact"], default="portable",
+                   help="Per-layer ranks: portable (padded to the largest rank, scales baked into lora_B; exact in "
+                        "PEFT, vLLM and llama.cpp) or compact (PEFT's rank_pattern/alpha_pattern; PEFT only).")
 
 
 def _merge_args(p):

@@ -294,19 +294,25 @@ def _footprint(src: _Source, ranks: Mapping[str, int]) -> Footprint:
     return Footprint(_safetensors_size(plan, _METADATA), sum(_numel(shape) for _, _, shape, *_ in plan))
 
 
-def rank_footprint(source, rank: int | Mapping[str, int], default: int | None = None) -> Footprint:
+def rank_footprint(source, rank: int | Mapping[str, int], default: int | None = None,
+                   layout: str = "portable") -> Footprint:
     """Size of the exported rank-k adapter file and its parameter count, without writing it.
 
     Args:
         source: A matryoshka model or an adapter directory (read from its safetensors header only).
         rank: k in 1..R, or {layer pattern: k}.
         default: With a dict, the rank of layers no pattern matches (default: R).
+        layout: As in `export_rank`: per-layer ranks in the portable layout are padded to the
+            largest one; "compact" counts each layer at its own rank (the parameters it really uses).
 
     Returns:
         Footprint(size_bytes, params); params also counts modules_to_save tensors.
     """
     with open_source(source) as src:
-        return _footprint(src, resolve_ranks(src.config, list(src.layers), rank, default, allow_untrained=True))
+        ranks = resolve_ranks(src.config, list(src.layers), rank, default, allow_untrained=True)
+        if layout == "portable" and len({k for k in ranks.values() if k}) > 1:
+            ranks = {name: max(ranks.values()) if k else 0 for name, k in ranks.items()}
+        return _footprint(src, ranks)
 
 
 # -- model card -------------------------------------------------------------------------------
@@ -376,17 +382,70 @@ def _adapter_card(src: _Source, ranks, cfg, size: int, params: int, results, met
 
 # -- export -----------------------------------------------------------------------------------
 
-def _write_one(src: _Source, ranks: Mapping[str, int], target: Path, overwrite: bool, results, method) -> Path:
-    cfg = plain_config(src, ranks)
-    plan = _tensor_plan(src, ranks)
+LAYOUTS = ("portable", "compact")
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def portable_config(src: _Source, ranks: Mapping[str, int]) -> dict:
+    """adapter_config.json of the portable per-layer form: one r for every kept layer, scale 1."""
+    kept = {name: k for name, k in ranks.items() if k > 0}
+    r = max(kept.values())
+    cfg = dict(src.peft_config)
+    cfg.update(r=r, lora_alpha=r, use_rslora=False, inference_mode=True, rank_pattern={}, alpha_pattern={})
+    if len(kept) < len(ranks):
+        cfg["target_modules"] = sorted(kept)
+    return cfg
+
+
+def _portable_tensors(src: _Source, ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Each layer's prefix with its scale s_k baked into lora_B, zero-padded to the largest rank."""
+    r = max(ranks.values())
+    out = {}
+    for name, keys in src.layers.items():
+        k = ranks[name]
+        if k == 0:
+            continue
+        A, B = src.read(keys["A"], k, "A"), src.read(keys["B"], k, "B")  # (k, m), (n, k)
+        B = B * rank_scale(k, src.config.scaling, src.config.alpha)
+        out[keys["A"]] = torch.cat([A, A.new_zeros(r - k, *A.shape[1:])])  # (r, m)
+        out[keys["B"]] = torch.cat([B, B.new_zeros(B.shape[0], r - k, *B.shape[2:])], 1)  # (n, r)
+    out.update({key: src.read(key) for key in src.extra})
+    return out
+
+
+def _write_one(src: _Source, ranks: Mapping[str, int], target: Path, overwrite: bool, results, method,
+               layout: str = "portable") -> Path:
+    portable = layout == "portable" and len({k for k in ranks.values() if k}) > 1
+    cfg = portable_config(src, ranks) if portable else plain_config(src, ranks)
     with atomic_directory(target, overwrite) as tmp:
-        tensors = {key: src.read(key, k, factor) for key, _, _, k, factor in plan}
+        if portable:
+            tensors = _portable_tensors(src, ranks)
+        else:
+            tensors = {key: src.read(key, k, factor) for key, _, _, k, factor in _tensor_plan(src, ranks)}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=_METADATA)
         (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         size = (tmp / WEIGHTS_NAME).stat().st_size
-        params = sum(_numel(shape) for _, _, shape, *_ in plan)
+        params = sum(t.numel() for t in tensors.values())
         (tmp / CARD_NAME).write_text(_adapter_card(src, ranks, cfg, size, params, results, method))
     return target
+
+
+def serving_notes(top: int, per_layer: bool, layout: str = "portable") -> list[str]:
+    """What a user serving an export of largest rank `top` should know (vLLM's rank sizes, the layout)."""
+    notes = []
+    if top not in VLLM_RANKS:
+        up = next((v for v in VLLM_RANKS if v >= top), None)
+        notes.append(f"vLLM accepts --max-lora-rank only from {', '.join(map(str, VLLM_RANKS))}: serve rank {top} "
+                     f"with --max-lora-rank {up} (vLLM pads the adapter up to it).")
+    if per_layer and layout == "portable":
+        notes.append(f"per-layer ranks, portable layout: every layer is padded with zeros to rank {top} and its scale "
+                     "is baked into lora_B (lora_alpha = r, no rank/alpha patterns), so PEFT, vLLM and llama.cpp "
+                     "apply the same scales; --layout compact writes the smaller rank_pattern/alpha_pattern form, "
+                     "which only PEFT applies correctly.")
+    elif per_layer:
+        notes.append("per-layer ranks, compact layout (rank_pattern/alpha_pattern): PEFT applies it correctly; vLLM "
+                     "ignores both patterns and llama.cpp reads one alpha, so serve it there with --layout portable.")
+    return notes
 
 
 @locks_output("export", lambda a: a["out_dir"])
@@ -400,6 +459,7 @@ def export_rank(
     allow_untrained: bool = False,
     results=None,
     method: str | None = None,
+    layout: str = "portable",
 ) -> Path | list[Path]:
     """Write the rank-k prefix of a nested adapter as a plain PEFT LoRA adapter.
 
@@ -412,8 +472,7 @@ def export_rank(
         source: A matryoshka model (get_matryoshka_model / load_matryoshka_model) or an adapter
             directory written by save_matryoshka; a directory needs no base model.
         rank: k in 1..R; a list of ranks (one export each, written to `out_dir/rank-<k>`);
-            a {layer pattern: k} dict for per-layer ranks (rank_pattern / alpha_pattern; k=0
-            leaves a layer out); or the command-line form "4", "1,4,16", "q_proj=2,v_proj=8".
+            a {layer pattern: k} dict for per-layer ranks (see `layout`; k=0 leaves a layer out); or the command-line form "4", "1,4,16", "q_proj=2,v_proj=8".
         out_dir: Target directory (the parent of the rank-<k> directories for a list).
         default: With a dict, the rank of layers no pattern matches (default: R).
         overwrite: Replace existing output directories (atomically: the old one is removed
@@ -422,6 +481,10 @@ def export_rank(
         results: A results.json path or dict (see report.py); the card then lists the
             measured accuracy at that rank.
         method: Which method of `results` to read (needed when it holds several).
+        layout: Per-layer ranks only. "portable" (default): every kept layer zero-padded to the
+            largest rank with its scale baked into lora_B, lora_alpha = r and no patterns, exact in
+            PEFT, vLLM and llama.cpp. "compact": PEFT's rank_pattern / alpha_pattern (smaller
+            file; vLLM and llama.cpp apply the wrong scales to it).
 
     Returns:
         The written directory, or a list of them when `rank` is a list.
@@ -430,6 +493,8 @@ def export_rank(
         ValueError: k > R, k < 1, k not in S, an unknown layer pattern, a corrupt source.
         FileExistsError: an output directory exists and overwrite is False.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}. Available: {', '.join(LAYOUTS)}.")
     ranks = _rank_list(rank)
     several = isinstance(rank, (list, tuple)) or (isinstance(rank, str) and isinstance(parse_rank_spec(rank), list))
     out_dir = Path(out_dir)
@@ -439,6 +504,6 @@ def export_rank(
         resolved = [resolve_ranks(src.config, names, k, default, allow_untrained) for k in ranks]
         for target in targets:  # refuse before writing anything
             check_target(target, overwrite)
-        written = [_write_one(src, per_layer, target, overwrite, results, method)
+        written = [_write_one(src, per_layer, target, overwrite, results, method, layout)
                    for per_layer, target in zip(resolved, targets)]
     return written if several else written[0]
