@@ -1,6 +1,5 @@
 """Study v2 (benchmarks/study.py): a tiny end-to-end run, resume in chunks, and the summary's AURAC arithmetic."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,10 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study_v2", ROOT / "benchmarks" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_script
+    return load_script("benchmarks/study.py")
 
 
 def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):

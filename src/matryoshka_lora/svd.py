@@ -116,25 +116,9 @@ class LoraFactors:
 
 
 def _index(tensors: dict[str, torch.Tensor], origin: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    unsupported = [k for k in tensors if peft_seam.is_unsupported_key(k)]
-    if unsupported:
-        raise ValueError(f"{origin} holds {unsupported[0]}: embedding LoRA, DoRA magnitudes and LoRA bias have no "
-                         "rank prefix, so SVD order refuses this adapter. Train it without them (use_dora=False, "
-                         "lora_bias=False, no embedding targets).")
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    extra = {}
-    for key, t in tensors.items():
-        parsed = peft_seam.parse_lora_key(key)
-        if parsed is None:
-            extra[key] = t
-        else:
-            layers.setdefault(parsed[0], {})[parsed[1]] = t
-    broken = [m for m, f in layers.items() if set(f) != {"A", "B"}]
-    if broken:
-        raise ValueError(f"{origin}: layer {broken[0]} has only one of lora_A / lora_B; the adapter is incomplete.")
-    if not layers:
-        raise ValueError(f"{origin} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight tensors).")
-    return layers, extra
+    """({module: {"A": tensor, "B": tensor}}, other tensors), checked by `peft_seam.index_keys`."""
+    keys, extra = peft_seam.index_keys(list(tensors), str(origin))
+    return {m: {f: tensors[k] for f, k in fk.items()} for m, fk in keys.items()}, {k: tensors[k] for k in extra}
 
 
 def _pattern_value(patterns: dict, name: str, default):
