@@ -205,3 +205,24 @@ def test_embedded_model_recorded_by_hub_id(tmp_path):
     save_matryoshka(model, tmp_path / "ad")
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == hub
     load_matryoshka_model(BUILDERS["llama"](0), tmp_path / "ad")  # still loads: the record is metadata only
+
+
+def test_adapter_saved_before_a_config_field_existed_still_loads(tmp_path):
+    """A record without a newer field (e.g. init, dylora_draw) means that field's default, not an edit."""
+    from safetensors.torch import save_file
+    from matryoshka_lora.saving import CONFIG_RECORD
+    model = make_model("llama")
+    save_matryoshka(model, tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_model.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    record = json.loads(meta[CONFIG_RECORD])
+    for newer in ("init", "dylora_draw", "svd_from"):
+        record.pop(newer, None)
+    save_file(load_file(str(path)), str(path), metadata={**meta, CONFIG_RECORD: json.dumps(record)})
+    load_matryoshka_model(BUILDERS["llama"](0), tmp_path / "ad")
+    record["r"] = 4  # a real difference is still caught
+    save_file(load_file(str(path)), str(path), metadata={**meta, CONFIG_RECORD: json.dumps(record)})
+    with pytest.raises(ValueError, match="edited after saving"):
+        load_matryoshka_model(BUILDERS["llama"](0), tmp_path / "ad")

@@ -211,6 +211,13 @@ def _demo_options(p):
 def _export(args):
     from .export import export_rank, serving_notes
 
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+
+        print("wrote", export_gguf(args.adapter, args.rank, args.out, base_model=args.base_model,
+                                   default=args.default_rank, overwrite=args.overwrite,
+                                   allow_untrained=args.allow_untrained))
+        return
     out = export_rank(args.adapter, args.rank, args.out, default=args.default_rank, overwrite=args.overwrite,
                       allow_untrained=args.allow_untrained, results=args.results, method=args.method,
                       layout=args.layout)
@@ -292,6 +299,12 @@ def _export_args(p):
     _rank_args(p, "export")
     p.add_argument("--results", default=None, help="results.json: the card then lists the measured accuracy at each rank.")
     p.add_argument("--method", default=None, help="Method in --results to read (needed when it holds several).")
+    p.add_argument("--format", choices=["peft", "gguf"], default="peft",
+                   help="peft: a PEFT adapter directory; gguf: one llama.cpp LoRA file (--out FILE.gguf) for a GGUF "
+                        "base (Llama/Mistral), read with llama.cpp's --lora.")
+    p.add_argument("--base-model", default=None,
+                   help="--format gguf: the base model whose config names the tensors (Hub id, directory, .gguf, "
+                        "smollm2-135m); default: the adapter's base_model_name_or_path.")
     p.add_argument("--layout", choices=["portable", "compact"], default="portable",
                    help="Per-layer ranks: portable (padded to the largest rank, scales baked into lora_B; exact in "
                         "PEFT, vLLM and llama.cpp) or compact (PEFT's rank_pattern/alpha_pattern; PEFT only).")

@@ -52,6 +52,11 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     return model, gguf_file
 
 
+def embedded_name(hub_id: str | None) -> str | None:
+    """The embedded name (e.g. smollm2-135m) of a Hub id we ship a GGUF for, else None."""
+    return next((name for name, (_, _, hid) in EMBEDDED.items() if hid == hub_id), None)
+
+
 def portable_name(name_or_path: str | None) -> str | None:
     """The Hub id of an embedded model loaded from its package or cache (a local path otherwise
     ends up in adapter configs and model cards); any other name is returned as it is."""

@@ -192,8 +192,13 @@ def fold_adapter(directory: str | Path, out_dir: str | Path, overwrite: bool = F
 
 
 def config_differences(before: MatryoshkaConfig | dict, now: MatryoshkaConfig | dict) -> list[tuple[str, object, object]]:
-    """(field, value before, value now) for every field where two rank schedules differ."""
-    before, now = (json.loads(json.dumps(c.to_dict() if isinstance(c, MatryoshkaConfig) else c)) for c in (before, now))
+    """(field, value before, value now) for every field where two rank schedules differ.
+
+    A field missing from a record (saved by a version before the field existed) counts as its default.
+    """
+    defaults = MatryoshkaConfig().to_dict()
+    before, now = ({**defaults, **json.loads(json.dumps(c.to_dict() if isinstance(c, MatryoshkaConfig) else c))}
+                   for c in (before, now))
     return [(k, before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
 
 
