@@ -182,6 +182,9 @@ def test_card_lists_base_rank_scale_size_and_accuracy(tmp_path):
     assert "| rank | 4 |" in card and "s_4 = 1 " in card and f"{size:,} bytes" in card
     assert "37.25 (accuracy, method matryoshka)" in card and "library_name: peft" in card
     assert "not evaluated at this rank" in (two / "README.md").read_text()
+    # the whole measured table and its plot travel with the card
+    assert "| matryoshka |" in card and "37.25" in card.split("## Measured")[1] and "![accuracy by rank](ranks.png)" in card
+    assert (four / "ranks.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

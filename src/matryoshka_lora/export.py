@@ -354,7 +354,20 @@ def model_card(*, title: str, base_model: str | None, rows: list[tuple[str, str]
     return "\n".join(front + [f"# {title}", ""] + table + ["", usage, ""])
 
 
-def _adapter_card(src: _Source, ranks, cfg, size: int, params: int, results, method) -> str:
+def _results_section(results, method, directory: Path) -> str:
+    """The measured per-rank table of `method` and its plot (written to `directory/ranks.png`)."""
+    from .recommend import pick_method
+    from .report import load_results, markdown_table, plot
+
+    data = results if isinstance(results, Mapping) else load_results(results)
+    method = pick_method(data, method)
+    one = dict(data, methods={method: data["methods"][method]})
+    plot(one, directory / "ranks.png")
+    return (f"## Measured at every rank of the source adapter\n\n{markdown_table(one)}\n\n"
+            f"({data['metric']}; rows from the results the export was given.)\n\n![accuracy by rank](ranks.png)\n")
+
+
+def _adapter_card(src: _Source, ranks, cfg, size: int, params: int, results, method, directory: Path) -> str:
     base = cfg.get("base_model_name_or_path")
     c = src.config
     rows = [
@@ -371,7 +384,8 @@ def _adapter_card(src: _Source, ranks, cfg, size: int, params: int, results, met
         found = accuracy_at(results, uniform.pop(), method) if len(uniform) == 1 else None
         rows.append(("measured accuracy", f"{found[2]:.2f} ({found[1]}, method {found[0]})" if found
                      else "not evaluated at this rank"))
-    usage = ("## Load\n\nA plain PEFT LoRA adapter; no matryoshka-lora needed:\n\n```python\n"
+    measured = _results_section(results, method, directory) + "\n" if results is not None else ""
+    usage = measured + ("## Load\n\nA plain PEFT LoRA adapter; no matryoshka-lora needed:\n\n```python\n"
              "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"path/to/this/dir\")\n```\n\n"
              f"Servers that load PEFT LoRA adapters (e.g. vLLM with `--enable-lora --max-lora-rank {max(ranks.values())}` "
              "or more) load it as is.")
@@ -426,7 +440,7 @@ def _write_one(src: _Source, ranks: Mapping[str, int], target: Path, overwrite: 
         (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         size = (tmp / WEIGHTS_NAME).stat().st_size
         params = sum(t.numel() for t in tensors.values())
-        (tmp / CARD_NAME).write_text(_adapter_card(src, ranks, cfg, size, params, results, method))
+        (tmp / CARD_NAME).write_text(_adapter_card(src, ranks, cfg, size, params, results, method, tmp))
     return target
 
 
