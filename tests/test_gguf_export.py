@@ -102,6 +102,7 @@ def greedy_agreement(adapter_dir, ranks, tmp_path, n=50, max_new_tokens=24):
             ours = llm(p, max_tokens=max_new_tokens, temperature=0.0, top_k=1)["choices"][0]["text"]
             same += tok.decode(ref, skip_special_tokens=True).strip() == ours.strip()
         out[k] = same / len(prompts)
+        llm.close()  # one llama.cpp context at a time
     return out
 
 
