@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from matryoshka_lora import fold_p, load_matryoshka_model, svd_order  # noqa: E402
+from matryoshka_lora.comparison import mean_std  # noqa: E402
 from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
 from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
 from matryoshka_lora.models import load_model  # noqa: E402
@@ -84,8 +85,9 @@ def variant(method: str, rule: str) -> str:
     return method + RULE_NAMES[rule]
 
 
-def _mean_std(xs):
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+def _mean_std(xs) -> dict:
+    mean, std = mean_std(xs)
+    return {"mean": mean, "std": std}
 
 
 class Study:
@@ -200,15 +202,14 @@ class Study:
     def pick(self, task, method) -> float:
         """Best validation AURAC (over the method's rules) at the grid step, seed 42; extends an edge."""
         grid = self.grid(method)
-        for _ in range(self.p["extend"] + 1):
+        for extension in range(self.p["extend"] + 1):
             scores = {lr: max(r["aurac"] for r in self.score(task, method, lr, self.p["grid_seed"], self.p["grid_at"],
                                                              "validation")["rules"].values()) for lr in grid}
             best = max(grid, key=lambda lr: scores[lr])
-            if len(grid) < 2 or best not in (grid[0], grid[-1]) or len(grid) >= len(self.grid(method)) + self.p["extend"]:
+            if len(grid) < 2 or best not in (grid[0], grid[-1]) or extension == self.p["extend"]:
                 return best
             factor = grid[1] / grid[0]
             grid = [grid[0] / factor] + grid if best == grid[0] else grid + [grid[-1] * factor]
-        return best
 
     def plan(self):
         """Units in priority order, task after task: the grids; the seed-42 runs along their whole

@@ -209,7 +209,7 @@ def _demo_options(p):
 
 
 def _export(args):
-    from .export import export_rank, serving_notes
+    from .export import export_rank, parse_rank_spec, serving_notes
 
     if args.format == "gguf":
         from .gguf_export import export_gguf
@@ -223,7 +223,7 @@ def _export(args):
                       layout=args.layout)
     for path in out if isinstance(out, list) else [out]:
         cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-        per_layer = "=" in str(args.rank)
+        per_layer = isinstance(parse_rank_spec(args.rank), dict)
         for note in serving_notes(max([cfg["r"], *(cfg.get("rank_pattern") or {}).values()]), per_layer, args.layout):
             print("note:", note)
         print(f"wrote {path}")

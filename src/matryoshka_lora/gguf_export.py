@@ -70,7 +70,7 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Te
     return out
 
 
-@locks_output("export", lambda a: Path(a["out_file"]).parent)
+@locks_output("export", lambda a: a["out_file"])
 def export_gguf(source, rank, out_file: str | Path, *, base_model: str | None = None, default: int | None = None,
                 overwrite: bool = False, allow_untrained: bool = False) -> Path:
     """Write the rank-k prefix of a nested adapter as a llama.cpp LoRA adapter file.

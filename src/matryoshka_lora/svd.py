@@ -69,14 +69,11 @@ def deployed_weights(c: MatryoshkaConfig) -> torch.Tensor:
     return rank_weights(c.r, c.ranks, c.method, c.scaling, c.alpha, c.weights)
 
 
-def ordered_config(c: MatryoshkaConfig, source: str) -> MatryoshkaConfig:
+def ordered_config(c: MatryoshkaConfig) -> MatryoshkaConfig:
     """The config of an SVD-ordered adapter: a plain scale-1 nested LoRA that remembers its source."""
+    source = c.svd_from or (f"{c.folded_from}+fold" if c.folded_from else c.method)
     return dataclasses.replace(c, method="lora", scaling="none", alpha=1.0, weights=None, ranks_per_step=None,
                                svd_from=source)
-
-
-def source_name(c: MatryoshkaConfig) -> str:
-    return c.svd_from or (f"{c.folded_from}+fold" if c.folded_from else c.method)
 
 
 @torch.no_grad()
@@ -97,7 +94,7 @@ def svd_order(model: torch.nn.Module) -> MatryoshkaConfig:
         A_new, B_new, _ = svd_factors(A, B, p)
         A.copy_(A_new)
         B.copy_(B_new)
-    controller.config = ordered_config(c, source_name(c))
+    controller.config = ordered_config(c)
     controller._cache.clear()
     return controller.config
 
@@ -231,7 +228,7 @@ def svd_adapter(src: str | Path, out: str | Path, overwrite: bool = False) -> tu
         tensors[peft_seam.lora_key(name, "B")] = B_new.contiguous()
     tensors.update(lora.extra)
     if lora.config is not None:
-        config = ordered_config(lora.config, source_name(lora.config))
+        config = ordered_config(lora.config)
     else:
         targets = lora.peft_config.get("target_modules")
         config = MatryoshkaConfig(r=R, ranks=default_ranks(R), method="lora",
