@@ -258,13 +258,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=RANKS)
     ap.add_argument("--base-lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=None, help="Override the preset's optimizer steps.")
-    ap.add_argument("--out", default="runs/study")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
+    ap.add_argument("--out", default=None, help="Adapters (default runs/study; v2: runs/study2).")
+    ap.add_argument("--results", default=None,
+                    help="Result JSONs (default benchmarks/results/accuracy; v2: benchmarks/results/study).")
     args, rest = ap.parse_known_args(argv)
     if args.preset == "v2":
         import study as v2  # benchmarks/study.py
 
-        return v2.main(["--preset", "v2", *(["--model", args.model] if args.model != "smollm2-135m" else []), *rest])
+        paths = [*(["--out", args.out] if args.out else []), *(["--results", args.results] if args.results else [])]
+        model = ["--model", args.model] if args.model != "smollm2-135m" else []
+        return v2.main(["--preset", "v2", *model, *paths, *rest])
+    args.out = args.out or "runs/study"
+    args.results = args.results or str(ROOT / "benchmarks" / "results" / "accuracy")
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     study = Study(args)

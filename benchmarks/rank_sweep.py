@@ -23,7 +23,7 @@ import torch
 from .common import build_base, environment, interleave, log, summarize, write_json
 
 
-def _right_pad(rows, pad):
+def right_pad(rows, pad):
     width = max(len(r) for r in rows)
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
@@ -76,8 +76,8 @@ def run(shape: str = "smollm2-135m", r: int = 32, n_examples: int = 1, rounds: i
         return evaluate_ranks(model, tokenizer, examples, config, chat_template=False)
 
     encoded = [encode_for_training(tokenizer, e, chat_template=False) for e in examples]
-    ids = _right_pad([e["input_ids"] for e in encoded], tokenizer.pad_token_id or 0).to(device)  # (b, T)
-    mask = _right_pad([e["attention_mask"] for e in encoded], 0).to(device)
+    ids = right_pad([e["input_ids"] for e in encoded], tokenizer.pad_token_id or 0).to(device)  # (b, T)
+    mask = right_pad([e["attention_mask"] for e in encoded], 0).to(device)
     stacked_ids, stacked_mask = ids.repeat(len(ranks), 1), mask.repeat(len(ranks), 1)  # (|S| b, T)
     row_ranks = [k for k in ranks for _ in range(ids.shape[0])]
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import peft_seam
-from .evaluation.likelihood import _right_pad, completion_loss
+from .evaluation.likelihood import right_pad, completion_loss
 from .files import atomic_write_text
 from .model import get_controller, set_rank
 from .spectrum import layer_spectra
@@ -239,9 +239,9 @@ def _check_data(data: Sequence[Mapping], name: str) -> list[Mapping]:
 def _nll_sum(model, batch: Sequence[Mapping]) -> torch.Tensor:
     """Summed NLL of the completion tokens of a batch, as completion_loss counts them."""
     device = next(model.parameters()).device
-    ids = _right_pad([e["input_ids"] for e in batch], 0).to(device)
-    mask = _right_pad([[1] * len(e["input_ids"]) for e in batch], 0).to(device)
-    tgt = _right_pad([e["labels"] for e in batch], -100).to(device)[:, 1:]  # token t is predicted at t-1
+    ids = right_pad([e["input_ids"] for e in batch], 0).to(device)
+    mask = right_pad([[1] * len(e["input_ids"]) for e in batch], 0).to(device)
+    tgt = right_pad([e["labels"] for e in batch], -100).to(device)[:, 1:]  # token t is predicted at t-1
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
     return F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="sum")
 

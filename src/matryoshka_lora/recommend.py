@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .export import Footprint, rank_footprint
-from .report import _is_percent, check_results, load_results, scores
+from .report import is_percent, check_results, load_results, scores
 
 
 def pick_method(results: Mapping, method: str | None = None, origin: str = "The results") -> str:
@@ -51,7 +51,7 @@ class Recommendation:
     size_note: str = ""
 
     def __str__(self) -> str:
-        unit = " points" if _is_percent(self.metric) else ""
+        unit = " points" if is_percent(self.metric) else ""
         c = self.chosen
         cost = []
         if c.size_bytes is not None:
@@ -135,7 +135,7 @@ def recommend_rank(
     finite = [(k, v) for k, v in zip(ranks, values) if isinstance(v, (int, float)) and math.isfinite(v)]
     if not finite:
         raise ValueError(f"Method {method!r} has no finite {metric} scores to choose from in {origin}.")
-    higher = _is_percent(metric)
+    higher = is_percent(metric)
 
     path = _find_adapter(adapter, entry, results_path)
     note = ""

@@ -66,7 +66,7 @@ def markdown_table(results: dict, metric: str | None = None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     seeds = {len(m["seeds"]) for m in results["methods"].values() if len(m.get("seeds") or []) > 1}
     note = f"; mean ± std over {'/'.join(map(str, sorted(seeds)))} seeds" if seeds else ""
-    return "\n".join(lines) + f"\n\nMetric: {metric}" + (" (percent)" if _is_percent(metric) else "") + note + "\n"
+    return "\n".join(lines) + f"\n\nMetric: {metric}" + (" (percent)" if is_percent(metric) else "") + note + "\n"
 
 
 def _fmt_std(d: dict, key: str) -> str:
@@ -75,13 +75,13 @@ def _fmt_std(d: dict, key: str) -> str:
     return _fmt(d.get(key)) + (f" ± {std:.2f}" if std is not None else "")
 
 
-def _is_percent(metric: str) -> bool:
+def is_percent(metric: str) -> bool:
     return not any(t in metric for t in ("loss", "perplexity"))
 
 
 def higher_is_better(metric: str) -> bool:
     """Accuracies: yes; losses and perplexities (so their AURAC too): no."""
-    return _is_percent(metric)
+    return is_percent(metric)
 
 
 def _fmt(v) -> str:

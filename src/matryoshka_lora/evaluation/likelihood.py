@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..prompts import encode_prompt
 
 
-def _right_pad(rows: Sequence[list[int]], pad: int) -> torch.Tensor:
+def right_pad(rows: Sequence[list[int]], pad: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
@@ -30,9 +30,9 @@ def token_logprobs(model, sequences: Sequence[list[int]], targets: Sequence[list
     sums: list[float] = []
     for start in range(0, len(sequences), batch_size):
         seq = sequences[start:start + batch_size]
-        ids = _right_pad(seq, 0).to(device)
-        mask = _right_pad([[1] * len(s) for s in seq], 0).to(device)
-        tgt = _right_pad(targets[start:start + batch_size], -100).to(device)
+        ids = right_pad(seq, 0).to(device)
+        mask = right_pad([[1] * len(s) for s in seq], 0).to(device)
+        tgt = right_pad(targets[start:start + batch_size], -100).to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
         tgt = tgt[:, 1:]  # token t is predicted at position t-1
         logp = -F.cross_entropy(logits.transpose(1, 2), tgt.clamp(min=0), reduction="none")  # (B, T-1)

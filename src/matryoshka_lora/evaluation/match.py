@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from ..model import set_row_ranks
-from .likelihood import _right_pad
+from .likelihood import right_pad
 
 
 @torch.inference_mode()
@@ -41,9 +41,9 @@ def completion_match(model, encoded: Sequence[dict], ranks: Sequence[int], batch
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         seqs = [encoded[i]["input_ids"] for i, _ in chunk]
-        ids = _right_pad(seqs, 0).to(device)  # (B, T)
-        mask = _right_pad([[1] * len(s) for s in seqs], 0).to(device)
-        labels = _right_pad([encoded[i]["labels"] for i, _ in chunk], -100).to(device)
+        ids = right_pad(seqs, 0).to(device)  # (B, T)
+        mask = right_pad([[1] * len(s) for s in seqs], 0).to(device)
+        labels = right_pad([encoded[i]["labels"] for i, _ in chunk], -100).to(device)
         with set_row_ranks(model, [k for _, k in chunk]):
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
         pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]  # token t+1 is predicted at position t
