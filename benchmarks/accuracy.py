@@ -38,7 +38,7 @@ from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
 from matryoshka_lora.models import load_model  # noqa: E402
 from matryoshka_lora.report import plot  # noqa: E402
 from matryoshka_lora.saving import atomic_write_text  # noqa: E402
-from matryoshka_lora.training import latest_checkpoint  # noqa: E402
+from matryoshka_lora.checkpoints import latest_checkpoint  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16, 32]
 # lr multipliers per method relative to --base-lr, spaced for each method's effective step: the

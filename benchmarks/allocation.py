@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 
     curve = state.get("curve")
     if curve is None:
-        log(f"allocating {len(budgets)} budgets on {len(calibration)} calibration examples ...")
+        log(f"allocating {len(budgets)} budgets on {len(calib_enc)} calibration examples ...")
         result = allocation_curve(model, calib_enc, [f"avg-rank:{k}" for k in budgets], test_enc, refresh=args.refresh,
                                   batch_size=args.batch_size, uniform=False)
         curve = result.to_dict()

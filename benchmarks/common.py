@@ -22,6 +22,7 @@ Both devices report the same quantity:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import json
@@ -286,6 +287,28 @@ def write_json(path: str | Path, data: dict) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def benchmark_main(argv, doc: str, key: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                   run: Callable[[argparse.Namespace], dict], table: Callable[[dict], str]) -> dict:
+    """The command line of a benchmark module: its own flags (`add_arguments`), then --threads and --out.
+
+    Runs `run(args)` and returns {"environment": environment(device), key: its result}, also
+    written to --out as JSON; prints `table(result)` to stderr. The device is the module's
+    --device where it has one, else cpu.
+    """
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    ap.add_argument("--out", default=None, help="Also write the JSON here.")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = {"environment": environment(getattr(args, "device", "cpu")), key: run(args)}
+    if args.out:
+        write_json(args.out, result)
+    print(table(result[key]), file=sys.stderr)
+    return result
 
 
 def log(msg: str) -> None:

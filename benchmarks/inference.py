@@ -16,13 +16,11 @@ Targets: merged / base = 1 within noise (no adapter cost left after merging).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 
 import torch
 
-from .common import build_base, environment, interleave, log, share_copy, summarize, write_json
+from .common import benchmark_main, build_base, interleave, log, share_copy, summarize
 
 
 def run(shape: str = "smollm2-135m", r: int = 32, ks=(8, 32), batch: int = 2, seq: int = 64, rounds: int = 5,
@@ -73,26 +71,18 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap) -> None:
     ap.add_argument("--shape", default="smollm2-135m")
     ap.add_argument("--ks", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = {"environment": environment("cpu"),
-              "inference": run(args.shape, ks=args.ks, batch=args.batch, seq=args.seq, rounds=args.rounds,
-                               warmup=args.warmup)}
-    if args.out:
-        write_json(args.out, result)
-    print(table(result["inference"]), file=sys.stderr)
-    return result
+
+
+def main(argv=None) -> dict:
+    return benchmark_main(argv, __doc__, "inference", add_arguments, lambda args: run(
+        args.shape, ks=args.ks, batch=args.batch, seq=args.seq, rounds=args.rounds, warmup=args.warmup), table)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,9 @@ Two comparisons on one loaded matryoshka model (R = 32, S = {1, ..., 32}, random
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
-from .common import build_base, environment, interleave, log, summarize, write_json
-
-
-def right_pad(rows, pad):
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+from .common import benchmark_main, build_base, interleave, log, summarize
 
 
 def build_model(shape: str, r: int, ranks, layers: int | None = None, device: str = "cpu"):
@@ -55,6 +47,7 @@ def run(shape: str = "smollm2-135m", r: int = 32, n_examples: int = 1, rounds: i
     Args:
         tokenizer: Needed for config-built shapes; the embedded model brings its own.
     """
+    from matryoshka_lora.evaluation.likelihood import right_pad
     from matryoshka_lora.evaluation.sweep import EvalConfig, evaluate_ranks
     from matryoshka_lora.model import set_rank, set_row_ranks
     from matryoshka_lora.prompts import encode_for_training
@@ -122,26 +115,18 @@ def table(result: dict) -> str:
     ])
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap) -> None:
     ap.add_argument("--shape", default="smollm2-135m")
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--examples", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = {"environment": environment("cpu"),
-              "rank_sweep": run(args.shape, args.r, args.examples, args.rounds, args.warmup,
-                                            args.layers)}
-    if args.out:
-        write_json(args.out, result)
-    print(table(result["rank_sweep"]), file=sys.stderr)
-    return result
+
+
+def main(argv=None) -> dict:
+    return benchmark_main(argv, __doc__, "rank_sweep", add_arguments, lambda args: run(
+        args.shape, args.r, args.examples, args.rounds, args.warmup, args.layers), table)
 
 
 if __name__ == "__main__":

@@ -334,7 +334,7 @@ def _paper_name(e: Eval) -> str:
 
 
 def _find_gsm8k() -> Path:
-    from matryoshka_lora.evaluation.harness import resolve_gsm8k_dir
+    from matryoshka_lora.evaluation.harness_tasks import resolve_gsm8k_dir
 
     folder = resolve_gsm8k_dir(None)
     if not (folder / "train.jsonl").is_file():

@@ -15,13 +15,10 @@ update). No adapter method can be cheaper.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
-from .common import (build_base, environment, interleave, log, memory_method, op_difference, profile_step,
-                     share_copy, state_tensors, storage_bytes, summarize, write_json)
+from .common import (benchmark_main, build_base, interleave, log, memory_method, op_difference, profile_step,
+                     share_copy, state_tensors, storage_bytes, summarize)
 
 VARIANTS = ("peft_lora", "lora", "dylora", "matryoshka", "base_only")
 REFERENCE = "peft_lora"
@@ -169,8 +166,7 @@ def table(result: dict) -> str:
     return head + "\n" + "\n".join(rows)
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap) -> None:
     ap.add_argument("--shape", default="smollm2-135m", help="smollm2-135m | llama-3.2-1b | tiny")
     ap.add_argument("--layers", type=int, default=None, help="Override the number of layers (default: the shape's).")
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
@@ -180,18 +176,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=0, help="Untimed steps after the (also untimed) memory step.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    ap.add_argument("--out", default=None, help="Also write the JSON here.")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = {"environment": environment(args.device),
-              "training_step": run(args.shape, args.ranks, args.batch, args.seq, args.layers, args.rounds, args.warmup,
-                                   args.device, args.dtype)}
-    if args.out:
-        write_json(args.out, result)
-    print(table(result["training_step"]), file=sys.stderr)
-    return result
+
+
+def main(argv=None) -> dict:
+    return benchmark_main(argv, __doc__, "training_step", add_arguments, lambda args: run(
+        args.shape, args.ranks, args.batch, args.seq, args.layers, args.rounds, args.warmup, args.device, args.dtype),
+        table)
 
 
 if __name__ == "__main__":

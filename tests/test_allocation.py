@@ -8,7 +8,8 @@ from peft import PeftModel
 
 from matryoshka_lora import (MatryoshkaConfig, allocate_ranks, allocation_curve, export_rank, get_controller,
                              get_matryoshka_model, parse_budget, rank_footprint, save_matryoshka, set_rank, svd_order)
-from matryoshka_lora.allocation import Budget, _vector_gradients
+from matryoshka_lora.budget import Budget
+from matryoshka_lora.calibration import vector_gradients
 from matryoshka_lora.cli import main
 from matryoshka_lora.evaluation.likelihood import completion_loss
 from matryoshka_lora.peft_seam import factors, lora_layers
@@ -72,7 +73,7 @@ def test_first_order_estimate_matches_the_measured_change_when_the_adapter_is_sm
     layers = list(lora_layers(model))
     base = {name: 2 for name, _ in layers}
     with set_rank(model, base):
-        grads, loss = _vector_gradients(model, layers, data, batch_size=4)
+        grads, loss = vector_gradients(model, layers, data, batch_size=4)
         assert loss == pytest.approx(completion_loss(model, data)["loss"], rel=1e-5)
     d = torch.zeros(8, dtype=torch.float64)
     d[2:4] = 0.03  # rank 2 -> 4 adds components 3 and 4 at scale alpha

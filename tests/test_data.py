@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from matryoshka_lora.data import DataConfig, Example, carve_validation, fewshot_examples, load_examples, platypus_prompt
+from matryoshka_lora.data import DataConfig, carve_validation, fewshot_examples, load_examples, platypus_prompt
+from matryoshka_lora.examples import Example
 from matryoshka_lora.evaluation import extract_strict
 from matryoshka_lora.synthetic import WORDOPS, generate_arith, generate_wordops, split_of
 from gsm8k_path import gsm8k_dir
@@ -148,8 +149,9 @@ def test_gsm8k_from_env_and_single_file(monkeypatch):
     assert len(load_examples(one, "train")) == 1300
 
 
-def test_gsm8k_without_location_names_the_fix(monkeypatch):
+def test_gsm8k_without_location_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.delenv("MLORA_GSM8K_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no shared/data/gsm8k above it
     with pytest.raises(ValueError, match="data_path.*MLORA_GSM8K_DIR.*hub:openai/gsm8k"):
         load_examples(DataConfig(dataset="gsm8k"), "test")
 
@@ -251,7 +253,7 @@ def test_skip_invalid_counts_and_logs(tmp_path, caplog):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="d.jsonl:2"):
         load_examples(DataConfig(dataset=str(path)), "test")
-    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.data"):
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.rows"):
         got = load_examples(DataConfig(dataset=str(path), skip_invalid=True), "test")
     assert [e.prompt for e in got] == ["a", "d"] and got.skipped == 2
     assert "Skipped 2 invalid row(s)" in caplog.text and "d.jsonl:3" in caplog.text

@@ -24,7 +24,8 @@ from matryoshka_lora.cli import main
 from matryoshka_lora.experiment import RunConfig, train
 from matryoshka_lora.models import load_model
 from matryoshka_lora.saving import DiskFullError, atomic_write_text, save_matryoshka
-from matryoshka_lora.training import STAGING, MatryoshkaCallback, NonFiniteLoss, latest_checkpoint
+from matryoshka_lora.checkpoints import STAGING, check_trainer_api, latest_checkpoint
+from matryoshka_lora.training import MatryoshkaCallback, NonFiniteLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
@@ -225,6 +226,39 @@ def test_nan_weights_are_never_checkpointed(tiny_model_dir, tmp_path, monkeypatc
                                             r"The last good checkpoint is .*checkpoint-2\."):
         train(run_config(tiny_model_dir, out), *load_model(str(tiny_model_dir)))
     assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["checkpoint-2"]
+
+
+# -- the private Trainer methods behind atomic checkpoints --------------------------------------
+
+class _Renamed:  # what a transformers release that reshaped the private methods would look like
+    def _save_checkpoint(self, model, trial, metrics=None):
+        return self._get_output_dir(trial)
+
+    def _get_output_dir(self, trial):
+        return "out"
+
+
+class _Unstaged:
+    def _save_checkpoint(self, model, trial):
+        return os.path.join(self.args.output_dir, "checkpoint-1")
+
+    def _get_output_dir(self, trial):
+        return "out"
+
+
+@pytest.mark.parametrize("trainer_class,message", [
+    (_Renamed, r"expected Trainer\._save_checkpoint\(self, model, trial\), found _save_checkpoint\(self, model, trial, metrics\)"),
+    (_Unstaged, r"_save_checkpoint no longer calls self\._get_output_dir\(trial\)"),
+    (object, r"expected Trainer\._get_output_dir\(self, trial\), found no such method"),
+])
+def test_a_transformers_without_the_private_save_methods_is_refused_with_the_fix(trainer_class, message):
+    """checkpoints.AtomicCheckpoints overrides Trainer._save_checkpoint and _get_output_dir (no public
+    hook wraps a save). The installed transformers must have them as expected; a changed one is
+    named, with what to do."""
+    check_trainer_api()  # the installed transformers: no error
+    with pytest.raises(RuntimeError, match=message) as error:
+        check_trainer_api(trainer_class)
+    assert "pip install 'transformers<" in str(error.value) and "update AtomicCheckpoints" in str(error.value)
 
 
 # -- full disk -----------------------------------------------------------------------------------

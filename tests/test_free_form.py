@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from matryoshka_lora.data import DataConfig, Example, load_examples
+from matryoshka_lora.data import DataConfig, load_examples
+from matryoshka_lora.examples import Example
 from matryoshka_lora.evaluation.extract import exact_match, extract_answer
 from matryoshka_lora.evaluation.generation import GenerationScorer
 from matryoshka_lora.evaluation.sweep import EvalConfig

@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 
 from matryoshka_lora import export_rank, fold_adapter, load_matryoshka_model, recommend_rank, save_matryoshka, set_rank
 from matryoshka_lora.config import CONFIG_NAME
-from matryoshka_lora.data import DataConfig, Example, load_examples
+from matryoshka_lora.data import DataConfig, load_examples
+from matryoshka_lora.examples import Example
 from matryoshka_lora.experiment import RunConfig, flat_fields, load_run_config
 from matryoshka_lora.saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
 from conftest import make_model, tiny_llama

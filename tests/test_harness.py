@@ -18,18 +18,10 @@ from conftest import randomize_adapter
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from matryoshka_lora import MatryoshkaConfig, aurac, get_matryoshka_model, log_aurac, set_rank
-from matryoshka_lora.evaluation import harness
-from matryoshka_lora.evaluation.harness import (
-    INSTALL_HINT,
-    TASKS_DIR,
-    HarnessConfig,
-    HarnessNotInstalled,
-    flatten_scores,
-    harness_eval,
-    harness_sweep,
-    resolve_metric,
-    write_local_tasks,
-)
+from matryoshka_lora.evaluation import harness_tasks
+from matryoshka_lora.evaluation.harness import HarnessConfig, flatten_scores, harness_eval, harness_sweep, resolve_metric
+from matryoshka_lora.evaluation.harness_tasks import INSTALL_HINT, TASKS_DIR, HarnessNotInstalled, write_local_tasks
+from matryoshka_lora.report import write_results
 
 GSM8K_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k"
 if not GSM8K_DIR.is_dir():
@@ -98,11 +90,11 @@ def test_write_local_tasks_fills_absolute_paths(tmp_path):
 
 def test_gsm8k_dir_env_and_missing_data(monkeypatch, tmp_path):
     monkeypatch.setenv("MLORA_GSM8K_DIR", str(tmp_path))
-    assert harness.resolve_gsm8k_dir() == tmp_path.resolve()
-    assert harness.resolve_gsm8k_dir("/x/y") == Path("/x/y")
+    assert harness_tasks.resolve_gsm8k_dir() == tmp_path.resolve()
+    assert harness_tasks.resolve_gsm8k_dir("/x/y") == Path("/x/y")
     with pytest.raises(FileNotFoundError, match="--gsm8k-dir"):
-        harness._check_local_data(["gsm8k_local"], None)
-    harness._check_local_data(["tiny_mc"], None)  # other tasks do not need GSM8K
+        harness_tasks.check_local_data(["gsm8k_local"], None)
+    harness_tasks.check_local_data(["tiny_mc"], None)  # other tasks do not need GSM8K
 
 
 SCORES = {"exact_match,strict-match": 10.0, "exact_match_stderr,strict-match": 1.0,
@@ -165,7 +157,7 @@ def test_unknown_task_suggests_close_names():
             self.all_tasks = ["gsm8k", "gsm8k_local", "tiny_mc"]
 
     with pytest.raises(ValueError, match="'tiny_mcc' \\(did you mean tiny_mc"):
-        harness._task_manager(FakeTaskManager, ["tiny_mcc"], [])
+        harness_tasks.build_task_manager(FakeTaskManager, ["tiny_mcc"], [])
 
 
 # -- lm-eval on a tiny model --------------------------------------------------------------------
@@ -191,7 +183,7 @@ def test_sweep_has_one_score_per_rank_and_matching_aurac(sweep):
     assert set(entry["timings"]["per_rank_s"]) == {"1", "8"} and res["timings"]["base_s"] > 0
     assert res["config"]["n_samples"]["tiny_mc"]["effective"] == 12
     # the report writes the same JSON, table and plot as the built-in evaluator
-    paths = harness.write_results(res, sweep["out"])
+    paths = write_results(res, sweep["out"])
     table = paths["table"].read_text()
     assert "| method | PT | r=1 | r=8 | AURAC | log-AURAC |" in table and paths["plot"].stat().st_size > 0
     assert json.loads(paths["json"].read_text())["base"]["acc,none"] == res["base"]["acc,none"]

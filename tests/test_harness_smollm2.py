@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from matryoshka_lora import MatryoshkaConfig, aurac, get_matryoshka_model, save_matryoshka
-from matryoshka_lora.evaluation.harness import HarnessConfig, harness_eval, write_local_tasks
+from matryoshka_lora.evaluation.harness import HarnessConfig, harness_eval
+from matryoshka_lora.evaluation.harness_tasks import write_local_tasks
 from matryoshka_lora.peft_seam import factors, lora_layers
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -48,7 +48,7 @@ def test_sweep_match_metric_is_the_headline_and_one_pass(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
-    from matryoshka_lora.data import Example
+    from matryoshka_lora.examples import Example
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = get_matryoshka_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), MatryoshkaConfig(r=4))
     examples = [Example(prompt=f"Question: {a}+1?\nAnswer:", completion=f" {a + 1}\n#### {a + 1}", answer=str(a + 1))

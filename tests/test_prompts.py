@@ -6,7 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from matryoshka_lora import prompts
-from matryoshka_lora.data import DataConfig, Example, load_examples
+from matryoshka_lora.data import DataConfig, load_examples
+from matryoshka_lora.examples import Example
 from matryoshka_lora.prompts import (ExampleTooLongError, build_prompt, encode_examples, encode_for_training,
                                      encode_prompt, make_collator, stop_strings)
 from tiny_tokenizer import tiny_tokenizer

@@ -1,10 +1,13 @@
 """matryoshka-lora: train one LoRA adapter whose every rank prefix is a usable adapter."""
 
-from .allocation import Allocation, AllocationCurve, Budget, allocate_ranks, allocation_curve, parse_budget
+from .allocation import allocate_ranks, allocation_curve
+from .allocation_result import Allocation, AllocationCurve
+from .budget import Budget, parse_budget
 from .config import MatryoshkaConfig
-from .data import DataConfig, Example, fewshot_examples, load_examples
+from .data import DataConfig, fewshot_examples, load_examples
 from .evaluation.extract import extract_flexible, extract_strict, is_correct
 from .evaluation.harness import HarnessConfig, harness_eval, harness_sweep
+from .examples import Example
 from .export import export_rank, rank_footprint
 from .merge import merge_rank, merge_to_dir, unmerge
 from .metrics import aurac, log_aurac

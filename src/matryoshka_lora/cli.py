@@ -209,7 +209,8 @@ def _demo_options(p):
 
 
 def _export(args):
-    from .export import export_rank, parse_rank_spec, serving_notes
+    from .export import export_rank, serving_notes
+    from .ranks import parse_rank_spec
 
     if args.format == "gguf":
         from .gguf_export import export_gguf
@@ -271,7 +272,7 @@ def _recommend(args):
 
 
 def _allocate(args):
-    from .allocation import curve_table
+    from .allocation_result import curve_table
     from .experiment import allocate
 
     curve, paths = allocate(run_config(args), args.adapter, args.budget, by=args.by, sweep=args.sweep, out_dir=args.out,
@@ -386,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .evaluation.harness import HarnessNotInstalled
+    from .evaluation.harness_tasks import HarnessNotInstalled
 
     try:
         args.func(args)

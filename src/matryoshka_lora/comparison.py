@@ -32,7 +32,7 @@ from .experiment import RunConfig, check_inputs, evaluate, flat_fields, load_mod
 from .locking import locks_output
 from .report import higher_is_better, write_results
 from .saving import atomic_write_text, load_matryoshka_model
-from .training import latest_checkpoint
+from .checkpoints import latest_checkpoint
 from .weighting import METHODS
 
 log = logging.getLogger(__name__)

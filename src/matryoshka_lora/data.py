@@ -4,8 +4,8 @@ Sources (`DataConfig.dataset`):
 
 - `arith`, `wordops`: built-in synthetic tasks (`synthetic.py`), GSM8K answer format.
 - `gsm8k`: GSM8K `question`/`answer` JSONL (a directory with train.jsonl/test.jsonl, or one
-  file) or `hub:openai/gsm8k` through `datasets`. Formatted exactly like lm-eval's gsm8k task:
-  prompt `Question: {question}\\nAnswer:`, completion `" " + answer`.
+  file) or `hub:openai/gsm8k` through `datasets`; found and formatted by `gsm8k.py`, exactly
+  like lm-eval's gsm8k task: prompt `Question: {question}\\nAnswer:`, completion `" " + answer`.
 - a `.jsonl` / `.json` (list of objects) / `.csv` file, or `hub:<name>[:<config>]`, with the
   columns named in the config. `prompt_format="platypus"` builds the prompt as the official
   MatryoshkaLoRA code does for Open-Platypus (`platypus_prompt`):
@@ -19,22 +19,26 @@ Splits: `test` is the source's test data (gsm8k test.jsonl; `test_file` or the f
 for your own files). `validation` is carved out of the training data and `train` is the
 rest, so training never sees a validation prompt (`carve_validation`). Nothing is silently
 dropped: a bad row stops loading with `file:line: what is wrong`, unless `skip_invalid=True`,
-which skips it and reports the count (`Examples.skipped`, plus a logged warning).
+which skips it and reports the count (`Examples.skipped`, plus a logged warning); `rows.py`
+reads the files and checks the rows.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import functools
 import hashlib
-import json
 import logging
-import os
 import random
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .checks import is_int
+from .examples import Example, Examples
+from .gsm8k import GSM8K_ENV, GSM8K_HUB, find_gsm8k, gsm8k_example, gsm8k_missing
+from .rows import RowError, column_choices, column_text, parse_rows, read_file, read_hub
+from .synthetic import generate_arith, generate_wordops
 
 logger = logging.getLogger(__name__)
 
@@ -42,34 +46,8 @@ SYNTHETIC = ("arith", "wordops")
 SOURCES = (*SYNTHETIC, "gsm8k")
 SPLITS = ("train", "validation", "test")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
-GSM8K_ENV = "MLORA_GSM8K_DIR"
-GSM8K_HUB = "hub:openai/gsm8k"
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1000, 500  # sizes used when num_train / num_eval is None
 PROMPT_FORMATS = ("column", "platypus")
-
-
-@dataclass
-class Example:
-    """One prompt/completion pair; the training loss covers `completion` only."""
-
-    prompt: str
-    completion: str
-    answer: str | None = None  # gold final answer for exact match ("42"); None otherwise
-    choices: list[str] | None = None  # multiple choice: candidate continuations
-    label: int | None = None  # multiple choice: index of the right one in `choices`
-
-
-class Examples(list):
-    """A list of `Example`s that also says where they came from and how many rows were skipped."""
-
-    def __init__(self, items: Iterable[Example] = (), skipped: int = 0, source: str = ""):
-        super().__init__(items)
-        self.skipped = skipped  # invalid rows dropped because skip_invalid=True
-        self.source = source
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_file_source(dataset: str) -> bool:
@@ -88,7 +66,7 @@ class DataConfig:
     data_path: str | None = field(
         default=None,
         metadata={"help": "dataset=gsm8k only: a directory with train.jsonl and test.jsonl, one .jsonl file, "
-                          f"or {GSM8K_HUB}. Default: ${GSM8K_ENV}."},
+                          f"or {GSM8K_HUB}. Default: ${GSM8K_ENV}, else the nearest shared/data/gsm8k above the working directory."},
     )
     test_file: str | None = field(
         default=None,
@@ -175,15 +153,15 @@ class DataConfig:
             problems.append("choices_column and label_column go together: set both for multiple choice, or neither.")
         for name in ("num_train", "num_eval"):
             v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
+            if v is not None and (not is_int(v) or v < 1):
                 problems.append(f"{name}={v!r} must be a positive integer, or None for all.")
-        if not _is_int(self.validation_size) or self.validation_size < 0:
+        if not is_int(self.validation_size) or self.validation_size < 0:
             problems.append(f"validation_size={self.validation_size!r} must be an integer >= 0.")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             problems.append(f"seed={self.seed!r} must be an integer.")
         if not isinstance(self.skip_invalid, bool):
             problems.append(f"skip_invalid={self.skip_invalid!r} must be true or false.")
-        if not _is_int(self.arith_max_digits) or not 1 <= self.arith_max_digits <= 6:
+        if not is_int(self.arith_max_digits) or not 1 <= self.arith_max_digits <= 6:
             problems.append(f"arith_max_digits={self.arith_max_digits!r} must be an integer from 1 to 6.")
         ops = self.arith_operations
         if not isinstance(ops, (list, tuple)) or not ops or any(o not in ("+", "-", "*") for o in ops):
@@ -203,150 +181,7 @@ class DataConfig:
         return cls(**d)
 
 
-# -- reading rows -------------------------------------------------------------------------------
-Row = tuple[str, Any, str | None]  # (location "file:line", row dict, problem or None)
-
-
-def _open_text(path: Path, binary: bool = False):
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"Data file {path} {what}; check the path (dataset / data_path / test_file).")
-    return path.open("rb") if binary else path.open(encoding="utf-8-sig", newline="")
-
-
-def _read_jsonl(path: Path) -> Iterator[Row]:
-    with _open_text(path, binary=True) as f:  # decoded line by line: a line that is not UTF-8 is one bad row
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield f"{path}:{lineno}", None, f"not UTF-8 text (byte {e.start + 1} of the line); re-save the file as UTF-8"
-                continue
-            if not line.strip():
-                continue  # blank lines hold no row (trailing newlines are common)
-            try:
-                yield f"{path}:{lineno}", json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield f"{path}:{lineno}", None, f"invalid JSON ({e.msg} at column {e.colno})"
-            except RecursionError:
-                yield f"{path}:{lineno}", None, "invalid JSON (nested too deeply)"
-
-
-def _read_json(path: Path) -> Iterator[Row]:
-    with _open_text(path) as f:
-        text = f.read()
-    if not text.strip():
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json file must hold one list of objects "
-                         "(use .jsonl for one object per line).") from e
-    except RecursionError:
-        raise ValueError(f"{path}:1: invalid JSON (nested too deeply); a .json file must hold one list of objects.") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}.")
-    for i, row in enumerate(data):
-        yield f"{path}: item {i}", row, None
-
-
-def _read_csv(path: Path) -> Iterator[Row]:
-    with _open_text(path) as f:
-        reader = csv.DictReader(f)
-        try:
-            for row in reader:
-                loc = f"{path}:{reader.line_num}"
-                if None in row:  # DictReader files extra cells under the key None
-                    yield loc, None, f"{len(reader.fieldnames) + len(row[None])} cells but the header has {len(reader.fieldnames)}"
-                else:
-                    yield loc, row, None
-        except csv.Error as e:  # a NUL byte, a field over the size limit: the reader cannot go on
-            raise ValueError(f"{path}:{reader.line_num + 1}: unreadable CSV ({e}); fix the file (quote cells that "
-                             "hold commas, quotes or line breaks).") from None
-
-
-def _read_file(path: Path) -> Iterator[Row]:
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-    try:
-        yield from readers[path.suffix.lower()](path)
-    except UnicodeDecodeError:
-        raw = path.read_bytes()
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:  # decoded whole, the position counts from the start of the file
-            line = raw[:e.start].count(b"\n") + 1
-            raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start + 1}); re-save the file "
-                             "as UTF-8.") from None
-        raise
-
-
-def _read_hub(spec: str, split: str, default_config: str | None = None) -> Iterator[Row]:
-    import datasets  # only on request: this downloads
-
-    name, _, config = spec[len("hub:"):].partition(":")
-    ds = datasets.load_dataset(name, config or default_config, split=split)
-    for i, row in enumerate(ds):
-        yield f"{spec}[{split}] row {i}", row, None
-
-
-# -- rows -> examples ---------------------------------------------------------------------------
-class _RowError(ValueError):
-    pass
-
-
-def _text(row: dict, column: str) -> str:
-    if column not in row:
-        raise _RowError(f"missing column {column!r}; available columns: {', '.join(map(str, row))}. "
-                        f"Set the matching *_column option to one of them.")
-    v = row[column]
-    if v is None or (isinstance(v, str) and not v.strip()):
-        raise _RowError(f"column {column!r} is empty")
-    if not isinstance(v, str):
-        raise _RowError(f"column {column!r} must be a string, got {type(v).__name__} ({v!r})")
-    return v
-
-
-def _choices(row: dict, config: DataConfig) -> tuple[list[str], int]:
-    if config.choices_column not in row:
-        _text(row, config.choices_column)  # raises the missing-column error
-    raw = row[config.choices_column]
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)  # CSV cells hold a JSON list
-        except json.JSONDecodeError:
-            raise _RowError(f"column {config.choices_column!r} must be a list of strings (JSON in CSV cells), got {raw!r}") from None
-    labels = None
-    if isinstance(raw, dict):  # ARC / HF style: {"text": [...], "label": ["A", "B", ...]}
-        labels, raw = raw.get("label"), raw.get("text")
-    if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(c, str) and c.strip() for c in raw):
-        raise _RowError(f"column {config.choices_column!r} must hold 2+ non-empty strings, got {raw!r}")
-    if config.label_column not in row:
-        _text(row, config.label_column)
-    label = row[config.label_column]
-    if labels is not None and label in labels:
-        index = labels.index(label)
-    elif _is_int(label) or (isinstance(label, str) and label.strip().isdigit()):
-        index = int(label)
-    elif isinstance(label, str) and len(label.strip()) == 1 and label.strip().isalpha():
-        index = ord(label.strip().upper()) - ord("A")
-    else:
-        raise _RowError(f"column {config.label_column!r} must be a choice index or letter, got {label!r}")
-    if not 0 <= index < len(raw):
-        raise _RowError(f"label {label!r} is out of range for {len(raw)} choices")
-    return raw, index
-
-
-def _gsm8k_example(row: dict, config: DataConfig) -> Example:
-    # Imported here: evaluation/ may import this module, so a top-level import could be circular.
-    from .evaluation.extract import extract_strict, normalize
-
-    question, answer = _text(row, "question"), _text(row, "answer")
-    if extract_strict(answer) is None:
-        raise _RowError("column 'answer' has no final '#### N' line")
-    # Exactly lm-eval's gsm8k: doc_to_text "Question: {{question}}\nAnswer:", target_delimiter " ".
-    return Example(prompt=f"Question: {question}\nAnswer:", completion=" " + answer, answer=normalize(answer))
-
-
+# -- your own files: row -> example ----------------------------------------------------------
 def platypus_prompt(instruction: str, input: str | None = None) -> str:
     """The official MatryoshkaLoRA code's Open-Platypus prompt; the Input block only for a non-empty input."""
     if input is not None and input.strip():
@@ -355,75 +190,49 @@ def platypus_prompt(instruction: str, input: str | None = None) -> str:
 
 
 def _file_example(row: dict, config: DataConfig) -> Example:
-    prompt = _text(row, config.prompt_column)
+    prompt = column_text(row, config.prompt_column)
     if config.prompt_format == "platypus":
         extra = row.get(config.input_column)
         if extra is not None and not isinstance(extra, str):
-            raise _RowError(f"column {config.input_column!r} must be a string, got {type(extra).__name__} ({extra!r})")
+            raise RowError(f"column {config.input_column!r} must be a string, got {type(extra).__name__} ({extra!r})")
         prompt = platypus_prompt(prompt, extra)
     choices = label = None
     if config.choices_column is not None:
-        choices, label = _choices(row, config)
+        choices, label = column_choices(row, config.choices_column, config.label_column)
     if choices is not None and config.completion_column not in row:
         completion = " " + choices[label]  # lm-eval's default target_delimiter
     else:
-        completion = _text(row, config.completion_column)
+        completion = column_text(row, config.completion_column)
     answer = None
     if config.answer_column is not None:
         if config.answer_column not in row:
-            _text(row, config.answer_column)
+            column_text(row, config.answer_column)
         v = row[config.answer_column]
         if isinstance(v, bool) or not isinstance(v, (str, int, float)) or not str(v).strip():
-            raise _RowError(f"column {config.answer_column!r} must be a non-empty string or number, got {v!r}")
+            raise RowError(f"column {config.answer_column!r} must be a non-empty string or number, got {v!r}")
         answer = str(v).strip()
     return Example(prompt=prompt, completion=completion, answer=answer, choices=choices, label=label)
 
 
-def _parse(rows: Iterable[Row], config: DataConfig, to_example, source: str) -> Examples:
-    out, bad = [], []
-    for loc, row, problem in rows:
-        try:
-            if problem is not None:
-                raise _RowError(problem)
-            if not isinstance(row, dict):
-                raise _RowError(f"expected an object with named columns, got {type(row).__name__}")
-            out.append(to_example(row, config))
-        except _RowError as e:
-            if not config.skip_invalid:
-                raise ValueError(f"{loc}: {str(e).rstrip('.')}. Fix the row, or set skip_invalid=True to skip bad rows.") from None
-            bad.append(f"{loc}: {e}")
-    if bad:
-        logger.warning("Skipped %d invalid row(s) of %s (skip_invalid=True); first: %s", len(bad), source, "; ".join(bad[:3]))
-    if not out:
-        why = f"all {len(bad)} rows are invalid" if bad else "it holds no examples (empty file?)"
-        raise ValueError(f"No examples in {source}: {why}. Point the config at a file with rows.")
-    return Examples(out, skipped=len(bad), source=source)
-
-
-def _gsm8k_location(config: DataConfig) -> str:
-    loc = config.data_path or os.environ.get(GSM8K_ENV)
-    if not loc:
-        raise ValueError(f"dataset='gsm8k' needs its files: set data_path to a directory with train.jsonl and test.jsonl "
-                         f"(or set ${GSM8K_ENV}), or data_path='{GSM8K_HUB}' to download it from the Hugging Face Hub.")
-    return loc
-
-
 def _source_examples(config: DataConfig, part: str) -> Examples:
     """All examples of the source's `train` or `test` data, in source order."""
-    to_example = _gsm8k_example if config.dataset == "gsm8k" else _file_example
+    to_example = gsm8k_example if config.dataset == "gsm8k" else functools.partial(_file_example, config=config)
     if part == "test" and config.test_file:
         loc = config.test_file
     elif config.dataset == "gsm8k":
-        loc = _gsm8k_location(config)
+        loc = find_gsm8k(config.data_path)
+        if loc is None:
+            raise ValueError(gsm8k_missing(f"dataset='gsm8k' found no GSM8K files: data_path and ${GSM8K_ENV} are "
+                                             "unset and no shared/data/gsm8k is above the working directory"))
         if not loc.startswith("hub:") and Path(loc).expanduser().is_dir():
             loc = str(Path(loc).expanduser() / f"{part}.jsonl")
     else:
         loc = config.dataset
     if loc.startswith("hub:"):
         default_config = "main" if config.dataset == "gsm8k" else None
-        return _parse(_read_hub(loc, part, default_config), config, to_example, f"{loc}[{part}]")
+        return parse_rows(read_hub(loc, part, default_config), to_example, config.skip_invalid, f"{loc}[{part}]")
     path = Path(loc).expanduser()
-    return _parse(_read_file(path), config, to_example, str(path))
+    return parse_rows(read_file(path), to_example, config.skip_invalid, str(path))
 
 
 def _stable_key(text: str) -> str:
@@ -471,8 +280,6 @@ def load_examples(config: DataConfig, split: str) -> Examples:
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}. Available: {', '.join(SPLITS)}")
     if config.dataset in SYNTHETIC:
-        from .synthetic import generate_arith, generate_wordops
-
         n = {"train": config.num_train or SYNTHETIC_TRAIN, "test": config.num_eval or SYNTHETIC_TEST,
              "validation": min(config.num_eval or config.validation_size, config.validation_size)}[split]
         if n == 0:
@@ -510,7 +317,7 @@ def fewshot_examples(config: DataConfig, k: int, seed: int = 1234) -> list[Examp
     Raises:
         ValueError: `k` is negative or larger than the train split.
     """
-    if not _is_int(k) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"k={k!r} few-shot examples must be an integer >= 0.")
     if k == 0:
         return []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoints import resume_point
 from .config import MatryoshkaConfig
 from .data import DataConfig, fewshot_examples, load_examples
 from .evaluation.sweep import EvalConfig, evaluate_ranks
@@ -25,7 +26,7 @@ from .models import DTYPES, check_model, load_model
 from .prompts import encode_examples, make_collator
 from .report import method_summary, write_results
 from .saving import atomic_write_text, check_adapter_dir, load_matryoshka_model
-from .training import TrainConfig, resume_point, train_adapter
+from .training import TrainConfig, train_adapter
 
 
 @dataclass

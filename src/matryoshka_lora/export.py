@@ -14,8 +14,8 @@ float for "sqrt" (e.g. 2.0 for k=4, alpha=1), which PEFT and vLLM accept.
 Per-layer ranks ({layer pattern: k}) become PEFT's `rank_pattern` / `alpha_pattern`; a layer
 at rank 0 is left out of `target_modules` and of the weights (PEFT cannot hold r=0).
 
-The source is a matryoshka model in memory or an adapter directory. A directory is read
-with safetensors slices only: export never needs the base model. Every export is written to
+The source is a matryoshka model in memory or an adapter directory (`sources.py`); prefixes are
+cut with `weighting.prefix_factors`, and export never needs the base model. Every export is written to
 a temporary directory next to the target and renamed into place, so an interrupted export
 leaves no half-written adapter.
 """
@@ -25,186 +25,27 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import peft_seam
+from .cards import CARD_NAME, adapter_card
 from .config import MatryoshkaConfig
 from .locking import locks_output
-from .model import RankController, _resolve, get_controller
-from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, adapter_lora_config, atomic_directory, check_adapter_dir, check_target
+from .ranks import parse_rank_spec, rank_list, resolve_ranks
+from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, atomic_directory, check_target
+from .sources import AdapterSource, open_source
 from .weighting import rank_scale
-
-CARD_NAME = "README.md"
 
 # safetensors dtype names, in the order its writer sorts tensors (descending), with element sizes.
 _DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
                 "I32", "U32", "F32", "F64", "I64", "U64"]
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
                 "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
-_TORCH_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-                 torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.float16: "F16",
-                 torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
-                 torch.int64: "I64"}
-
-
-# -- ranks ------------------------------------------------------------------------------------
-
-def parse_rank_spec(spec: str) -> int | list[int] | dict[str, int]:
-    """Read a command-line rank: "4", "1,4,16" (several exports) or "q_proj=2,v_proj=8" (per layer)."""
-    items = [s.strip() for s in str(spec).split(",") if s.strip()]
-    if not items:
-        raise ValueError(f"--rank {spec!r} is empty; pass e.g. --rank 4, --rank 1,4,16 or --rank q_proj=2,v_proj=8.")
-    if all("=" in s for s in items):
-        out = {}
-        for s in items:
-            pattern, _, k = s.rpartition("=")
-            if not k.strip().isdigit():
-                raise ValueError(f"--rank {spec!r}: {s!r} must be pattern=rank with an integer rank, e.g. q_proj=2.")
-            out[pattern.strip()] = int(k)
-        return out
-    if any("=" in s for s in items):
-        raise ValueError(f"--rank {spec!r} mixes ranks and pattern=rank pairs; use one form "
-                         "(--rank 1,4,16 or --rank q_proj=2,v_proj=8 with --default-rank).")
-    if not all(s.isdigit() for s in items):
-        raise ValueError(f"--rank {spec!r} must be integers, e.g. --rank 4 or --rank 1,4,16.")
-    ranks = [int(s) for s in items]
-    return ranks[0] if len(ranks) == 1 else ranks
-
-
-def _untrained_hint(config: MatryoshkaConfig) -> str:
-    return (f"the adapter was trained at ranks {', '.join(map(str, config.ranks))}; pick one of them "
-            "or pass allow_untrained=True (--allow-untrained) to use this prefix anyway")
-
-
-def resolve_ranks(
-    config: MatryoshkaConfig,
-    layer_names: Sequence[str],
-    rank: int | Mapping[str, int],
-    default: int | None = None,
-    allow_untrained: bool = False,
-) -> dict[str, int]:
-    """The rank of every adapted layer for a deployment (export or merge).
-
-    Args:
-        config: The adapter's rank schedule (gives R and the trained ranks S).
-        layer_names: Adapted module names, as in `peft_seam.lora_layers`.
-        rank: One k in 1..R for every layer, or {layer pattern: k} (patterns match like
-            PEFT's rank_pattern; k=0 switches a layer off).
-        default: With a dict, the rank of layers no pattern matches (default: R).
-        allow_untrained: Accept ranks outside the trained set S.
-
-    Returns:
-        {layer name: k}.
-
-    Raises:
-        ValueError: k > R, k < 1, k not in S (unless allowed), an unknown pattern, or every layer at 0.
-    """
-    r = config.r
-    if isinstance(rank, Mapping):
-        # the same resolution (and pattern check) as set_rank, on a controller that holds no model
-        per_layer = _resolve(RankController(config, layer_names), dict(rank), default)
-        untrained = sorted({k for k in per_layer.values() if k and k not in config.ranks})
-        if untrained and not allow_untrained:
-            raise ValueError(f"Per-layer ranks {untrained} were not trained: {_untrained_hint(config)}.")
-        if not any(per_layer.values()):
-            raise ValueError(f"Every layer is at rank 0 for rank={dict(rank)} (default={default}); "
-                             "nothing to deploy. Give at least one layer a rank >= 1.")
-        return per_layer
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"rank={rank!r} must be an int in 1..{r} or a {{layer pattern: rank}} dict.")
-    if rank > r:
-        raise ValueError(f"rank {rank} is larger than the adapter's maximum rank r={r}; "
-                         f"choose a rank in 1..{r} (trained: {', '.join(map(str, config.ranks))}).")
-    if rank < 1:
-        raise ValueError(f"rank {rank} is not deployable: ranks start at 1 (rank 0 is the base model "
-                         f"without adapter); choose a rank in 1..{r}.")
-    if rank not in config.ranks and not allow_untrained:
-        raise ValueError(f"rank {rank} was not trained: {_untrained_hint(config)}.")
-    return {name: rank for name in layer_names}
-
-
-def _rank_list(rank) -> list:
-    if isinstance(rank, str):
-        rank = parse_rank_spec(rank)
-    if isinstance(rank, (list, tuple)):
-        if not rank:
-            raise ValueError("rank is an empty list; pass at least one rank, e.g. [1, 4, 16].")
-        if len(set(rank)) != len(rank):
-            raise ValueError(f"rank {list(rank)} lists a rank twice; list each rank once.")
-        return list(rank)
-    return [rank]
-
-
-# -- sources ----------------------------------------------------------------------------------
-
-@dataclass
-class _Source:
-    """An adapter to cut prefixes from: configs, per-layer factor keys and a tensor reader."""
-
-    config: MatryoshkaConfig
-    peft_config: dict
-    layers: dict[str, dict[str, str]]  # module -> {"A": key, "B": key}, in file order
-    extra: list[str]  # non-LoRA tensors (modules_to_save), copied whole
-    origin: str
-    _read: object  # (key, k | None, factor | None) -> tensor
-    _meta: object  # key -> (dtype name, shape)
-
-    def read(self, key: str, k: int | None = None, factor: str | None = None) -> torch.Tensor:
-        """A tensor, or its rank-k prefix: lora_A rows [:k] (k, m), lora_B columns [:, :k] (n, k)."""
-        return self._read(key, k, factor)
-
-    def meta(self, key: str) -> tuple[str, list[int]]:
-        return self._meta(key)
-
-
-def _prefix(t, k, factor):
-    # slicing works on tensors and on safetensors slices alike
-    if k is None:
-        return t[:]
-    return t[:k] if factor == "A" else t[:, :k]
-
-
-@contextmanager
-def open_source(source) -> Iterator[_Source]:
-    """Open a matryoshka model (in memory) or an adapter directory as a prefix source.
-
-    Raises:
-        FileNotFoundError / ValueError: see `saving.check_adapter_dir`; a model without adapter.
-    """
-    if isinstance(source, torch.nn.Module):
-        config = get_controller(source).config
-        state = peft_seam.adapter_state_dict(source)
-        layers, extra = peft_seam.index_keys(list(state), "The model")
-
-        def read(key, k=None, factor=None):
-            return _prefix(state[key].detach(), k, factor).contiguous().clone()
-
-        def meta(key):
-            return _TORCH_DTYPES[state[key].dtype], list(state[key].shape)
-
-        yield _Source(config, peft_seam.adapter_config_dict(source), layers, extra, "a model in memory", read, meta)
-        return
-    directory = Path(source)
-    config = check_adapter_dir(directory)
-    peft_config = peft_seam.config_dict(adapter_lora_config(directory, config))
-    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-        layers, extra = peft_seam.index_keys(list(f.keys()), str(directory))
-
-        def read(key, k=None, factor=None):
-            return _prefix(f.get_slice(key), k, factor).contiguous()
-
-        def meta(key):
-            s = f.get_slice(key)
-            return s.get_dtype(), list(s.get_shape())
-
-        yield _Source(config, peft_config, layers, extra, f"`{directory}`", read, meta)
 
 
 # -- the rank-k adapter -----------------------------------------------------------------------
@@ -222,7 +63,7 @@ def _pattern_key(name: str, names: Sequence[str]) -> str:
     return name
 
 
-def plain_config(src: _Source, ranks: Mapping[str, int]) -> dict:
+def plain_config(src: AdapterSource, ranks: Mapping[str, int]) -> dict:
     """adapter_config.json of the plain PEFT adapter holding `ranks` ({layer: k}, 0 = left out)."""
     kept = {name: k for name, k in ranks.items() if k > 0}
     counts = Counter(kept.values())
@@ -238,7 +79,7 @@ def plain_config(src: _Source, ranks: Mapping[str, int]) -> dict:
     return cfg
 
 
-def _tensor_plan(src: _Source, ranks: Mapping[str, int]) -> list[tuple[str, str, list[int], int | None, str | None]]:
+def _tensor_plan(src: AdapterSource, ranks: Mapping[str, int]) -> list[tuple[str, str, list[int], int | None, str | None]]:
     """(key, dtype, shape, k, factor) of every tensor of the rank-k adapter."""
     plan = []
     for name, keys in src.layers.items():
@@ -289,7 +130,7 @@ class Footprint:
     params: int
 
 
-def _footprint(src: _Source, ranks: Mapping[str, int]) -> Footprint:
+def _footprint(src: AdapterSource, ranks: Mapping[str, int]) -> Footprint:
     plan = _tensor_plan(src, ranks)
     return Footprint(_safetensors_size(plan, _METADATA), sum(_numel(shape) for _, _, shape, *_ in plan))
 
@@ -309,89 +150,10 @@ def rank_footprint(source, rank: int | Mapping[str, int], default: int | None = 
         Footprint(size_bytes, params); params also counts modules_to_save tensors.
     """
     with open_source(source) as src:
-        ranks = resolve_ranks(src.config, list(src.layers), rank, default, allow_untrained=True)
+        ranks = resolve_ranks(src.config.r, src.config.ranks, list(src.layers), rank, default, allow_untrained=True)
         if layout == "portable" and len({k for k in ranks.values() if k}) > 1:
             ranks = {name: max(ranks.values()) if k else 0 for name, k in ranks.items()}
         return _footprint(src, ranks)
-
-
-# -- model card -------------------------------------------------------------------------------
-
-def _rank_text(ranks: Mapping[str, int]) -> str:
-    values = set(ranks.values())
-    if len(values) == 1:
-        return str(values.pop())
-    counts = Counter(ranks.values())
-    return "per layer: " + ", ".join(f"{counts[k]} layers at rank {k}" for k in sorted(counts)) + \
-        (" (rank 0 = left out)" if 0 in counts else "")
-
-
-def _scale_text(ranks: Mapping[str, int], config: MatryoshkaConfig) -> str:
-    ks = sorted({k for k in ranks.values() if k})
-    return ", ".join(f"s_{k} = {rank_scale(k, config.scaling, config.alpha):.6g}" for k in ks) + \
-        f" (scaling={config.scaling}, alpha={config.alpha:g}; lora_alpha = s_k * k)"
-
-
-def accuracy_at(results, rank: int, method: str | None = None) -> tuple[str, str, float] | None:
-    """(method, metric, score) measured at `rank` in a results file or dict; None if not evaluated."""
-    from .recommend import pick_method
-    from .report import load_results
-
-    data = results if isinstance(results, Mapping) else load_results(results)
-    method = pick_method(data, method)
-    row = data["methods"][method]["per_rank"].get(str(rank))
-    if row is None or data["metric"] not in row:
-        return None
-    return method, data["metric"], float(row[data["metric"]])
-
-
-def model_card(*, title: str, base_model: str | None, rows: list[tuple[str, str]], usage: str,
-               library: str = "peft", tags: Sequence[str] = ("lora", "matryoshka-lora")) -> str:
-    """A Hugging Face style README: YAML front matter, a table of facts, and how to load it."""
-    front = ["---"] + ([f"base_model: {base_model}"] if base_model else []) + \
-        [f"library_name: {library}", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
-    table = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(front + [f"# {title}", ""] + table + ["", usage, ""])
-
-
-def _results_section(results, method, directory: Path) -> str:
-    """The measured per-rank table of `method` and its plot (written to `directory/ranks.png`)."""
-    from .recommend import pick_method
-    from .report import load_results, markdown_table, plot
-
-    data = results if isinstance(results, Mapping) else load_results(results)
-    method = pick_method(data, method)
-    one = dict(data, methods={method: data["methods"][method]})
-    plot(one, directory / "ranks.png")
-    return (f"## Measured at every rank of the source adapter\n\n{markdown_table(one)}\n\n"
-            f"({data['metric']}; rows from the results the export was given.)\n\n![accuracy by rank](ranks.png)\n")
-
-
-def _adapter_card(src: _Source, ranks, cfg, size: int, params: int, results, method, directory: Path) -> str:
-    base = cfg.get("base_model_name_or_path")
-    c = src.config
-    rows = [
-        ("base model", f"`{base}`" if base else "not recorded in the source adapter"),
-        ("rank", _rank_text(ranks)),
-        ("scale", _scale_text(ranks, c)),
-        ("adapter file", f"`{WEIGHTS_NAME}`, {size:,} bytes"),
-        ("trainable parameters", f"{params:,}"),
-        ("source", f"nested adapter {src.origin}: method {c.method}, r = {c.r}, "
-                   f"trained ranks {', '.join(map(str, c.ranks))}"),
-    ]
-    uniform = set(ranks.values())
-    if results is not None:
-        found = accuracy_at(results, uniform.pop(), method) if len(uniform) == 1 else None
-        rows.append(("measured accuracy", f"{found[2]:.2f} ({found[1]}, method {found[0]})" if found
-                     else "not evaluated at this rank"))
-    measured = _results_section(results, method, directory) + "\n" if results is not None else ""
-    usage = measured + ("## Load\n\nA plain PEFT LoRA adapter; no matryoshka-lora needed:\n\n```python\n"
-             "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"path/to/this/dir\")\n```\n\n"
-             f"Servers that load PEFT LoRA adapters (e.g. vLLM with `--enable-lora --max-lora-rank {max(ranks.values())}` "
-             "or more) load it as is.")
-    title = f"Rank-{next(iter(set(ranks.values())))} LoRA adapter" if len(set(ranks.values())) == 1 \
-        else "Mixed-rank LoRA adapter"
-    return model_card(title=title + " cut from a nested (Matryoshka) adapter", base_model=base, rows=rows, usage=usage)
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -400,7 +162,7 @@ LAYOUTS = ("portable", "compact")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
-def portable_config(src: _Source, ranks: Mapping[str, int]) -> dict:
+def portable_config(src: AdapterSource, ranks: Mapping[str, int]) -> dict:
     """adapter_config.json of the portable per-layer form: one r for every kept layer, scale 1."""
     kept = {name: k for name, k in ranks.items() if k > 0}
     r = max(kept.values())
@@ -411,7 +173,7 @@ def portable_config(src: _Source, ranks: Mapping[str, int]) -> dict:
     return cfg
 
 
-def _portable_tensors(src: _Source, ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
+def _portable_tensors(src: AdapterSource, ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """Each layer's prefix with its scale s_k baked into lora_B, zero-padded to the largest rank."""
     r = max(ranks.values())
     out = {}
@@ -419,15 +181,25 @@ def _portable_tensors(src: _Source, ranks: Mapping[str, int]) -> dict[str, torch
         k = ranks[name]
         if k == 0:
             continue
-        A, B = src.read(keys["A"], k, "A"), src.read(keys["B"], k, "B")  # (k, m), (n, k)
-        B = B * rank_scale(k, src.config.scaling, src.config.alpha)
+        A, B, scale = src.prefix(name, k)  # (k, m), (n, k), s_k
+        B = B * scale
         out[keys["A"]] = torch.cat([A, A.new_zeros(r - k, *A.shape[1:])])  # (r, m)
         out[keys["B"]] = torch.cat([B, B.new_zeros(B.shape[0], r - k, *B.shape[2:])], 1)  # (n, r)
     out.update({key: src.read(key) for key in src.extra})
     return out
 
 
-def _write_one(src: _Source, ranks: Mapping[str, int], target: Path, overwrite: bool, results, method,
+def _compact_tensors(src: AdapterSource, ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Each kept layer's prefix (A_k, B_k) as it is; its scale s_k goes into lora_alpha."""
+    out = {}
+    for name, keys in src.layers.items():
+        if ranks[name]:
+            out[keys["A"]], out[keys["B"]], _ = src.prefix(name, ranks[name])
+    out.update({key: src.read(key) for key in src.extra})
+    return out
+
+
+def _write_one(src: AdapterSource, ranks: Mapping[str, int], target: Path, overwrite: bool, results, method,
                layout: str = "portable") -> Path:
     portable = layout == "portable" and len({k for k in ranks.values() if k}) > 1
     cfg = portable_config(src, ranks) if portable else plain_config(src, ranks)
@@ -435,12 +207,12 @@ def _write_one(src: _Source, ranks: Mapping[str, int], target: Path, overwrite: 
         if portable:
             tensors = _portable_tensors(src, ranks)
         else:
-            tensors = {key: src.read(key, k, factor) for key, _, _, k, factor in _tensor_plan(src, ranks)}
+            tensors = _compact_tensors(src, ranks)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=_METADATA)
         (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         size = (tmp / WEIGHTS_NAME).stat().st_size
         params = sum(t.numel() for t in tensors.values())
-        (tmp / CARD_NAME).write_text(_adapter_card(src, ranks, cfg, size, params, results, method, tmp))
+        (tmp / CARD_NAME).write_text(adapter_card(src.config, src.origin, ranks, cfg, size, params, results, method, tmp))
     return target
 
 
@@ -509,13 +281,13 @@ def export_rank(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"Unknown layout {layout!r}. Available: {', '.join(LAYOUTS)}.")
-    ranks = _rank_list(rank)
+    ranks = rank_list(rank)
     several = isinstance(rank, (list, tuple)) or (isinstance(rank, str) and isinstance(parse_rank_spec(rank), list))
     out_dir = Path(out_dir)
     targets = [out_dir / f"rank-{k}" for k in ranks] if several else [out_dir]
     with open_source(source) as src:
         names = list(src.layers)
-        resolved = [resolve_ranks(src.config, names, k, default, allow_untrained) for k in ranks]
+        resolved = [resolve_ranks(src.config.r, src.config.ranks, names, k, default, allow_untrained) for k in ranks]
         for target in targets:  # refuse before writing anything
             check_target(target, overwrite)
         written = [_write_one(src, per_layer, target, overwrite, results, method, layout)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .export import PEFT_CONFIG_NAME, export_rank, parse_rank_spec
+from .export import export_rank
 from .locking import locks_output
 from .models import embedded_name, resolve
-from .saving import WEIGHTS_NAME
+from .ranks import parse_rank_spec
+from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
 
 # transformers model_type -> (llama.cpp architecture, q/k rows permuted in the GGUF base)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True)}

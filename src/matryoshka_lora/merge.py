@@ -5,7 +5,7 @@ B = lora_B (n, R)):
 
     W0 <- W0 + s_k B[:, :k] A[:k]        delta (n, m); transposed for GPT-2 Conv1D (fan_in_fan_out)
 
-with s_k P_k from `weighting.prefix_weights`, the same prefix rule the live model uses at
+with (A_k, B_k, s_k) from `weighting.prefix_factors`, the same prefix rule the live model uses at
 `set_rank(k)`. `unmerge` subtracts the same delta. Deltas are formed in float32 (or wider) and
 added in that precision before casting back, so merge then unmerge returns W0 to within one
 rounding of the weight dtype.
@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from . import peft_seam
-from .export import CARD_NAME, model_card, open_source, resolve_ranks
+from .cards import CARD_NAME, merged_card
 from .locking import locks_output
 from .model import get_controller
 from .models import check_model, load_model, portable_name
+from .ranks import parse_rank_spec, resolve_ranks
 from .saving import atomic_directory, check_target, load_matryoshka_model
-from .weighting import prefix_weights
+from .sources import open_source
+from .weighting import prefix_factors
 
 _MERGED = "_mlora_merged_rank"  # set on each merged LoRA layer: the rank it was merged at
 
@@ -32,10 +34,9 @@ _MERGED = "_mlora_merged_rank"  # set on each merged LoRA layer: the rank it was
 def _delta(layer, k: int, config) -> torch.Tensor:
     """s_k B_k A_k in the base weight's layout: (n, m), or (m, n) for Conv1D."""
     A, B = peft_seam.factors(layer)  # (R, m), (n, R)
-    W = peft_seam.base_weight(layer)
-    dtype = torch.promote_types(W.dtype, torch.float32)
-    p = prefix_weights(config.r, k, config.scaling, config.alpha)[:k].to(A.device, dtype)  # (k,) = s_k
-    delta = (B[:, :k].to(dtype) * p) @ A[:k].to(dtype)  # (n, k) @ (k, m) -> (n, m)
+    A_k, B_k, s = prefix_factors(A, B, k, config.scaling, config.alpha)  # (k, m), (n, k), s_k
+    dtype = torch.promote_types(peft_seam.base_weight(layer).dtype, torch.float32)
+    delta = (B_k.to(dtype) * s) @ A_k.to(dtype)  # (n, k) @ (k, m) -> (n, m)
     return delta.T if peft_seam.base_weight_delta_layout(layer) else delta
 
 
@@ -70,7 +71,7 @@ def merge_rank(
         The same PEFT model (merged), or the unloaded transformers model.
 
     Raises:
-        ValueError: an invalid rank (see export.resolve_ranks), or a model already merged.
+        ValueError: an invalid rank (see ranks.resolve_ranks), or a model already merged.
     """
     controller = get_controller(model)
     layers = list(peft_seam.lora_layers(model))
@@ -80,7 +81,8 @@ def merge_rank(
         how = f"at rank {getattr(layer, _MERGED)}; call unmerge(model)" if hasattr(layer, _MERGED) \
             else "by PEFT; call model.unmerge_adapter()"
         raise ValueError(f"The model is already merged (layer {name} {how} first).")
-    ranks = resolve_ranks(controller.config, controller.layer_names, rank, default, allow_untrained)
+    c = controller.config
+    ranks = resolve_ranks(c.r, c.ranks, controller.layer_names, rank, default, allow_untrained)
     for name, layer in layers:
         k = ranks[name]
         if k:
@@ -136,15 +138,13 @@ def merge_to_dir(
     Returns:
         out_dir.
     """
-    from .export import parse_rank_spec
-
     if isinstance(rank, str):
         rank = parse_rank_spec(rank)
     if isinstance(rank, list):
         raise ValueError(f"merge takes one rank (or a per-layer pattern), got {rank}; merge each rank separately.")
     check_target(out_dir, overwrite)  # fail before loading a large model: the output, the adapter, the rank
     with open_source(adapter_dir) as src:
-        resolve_ranks(src.config, list(src.layers), rank, default, allow_untrained)
+        resolve_ranks(src.config.r, src.config.ranks, list(src.layers), rank, default, allow_untrained)
     name = base_model if isinstance(base_model, (str, Path)) else None
     if name:
         check_model(str(name))
@@ -157,13 +157,5 @@ def merge_to_dir(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         base = portable_name(str(name) if name else getattr(plain, "name_or_path", None)) or None
-        rows = [("base model", f"`{base}`" if base else "not recorded"),
-                ("merged rank", str(rank) if not isinstance(rank, Mapping) else f"per layer {dict(rank)}, default {default}"),
-                ("source", f"nested adapter `{adapter_dir}`: method {config.method}, r = {config.r}, "
-                           f"trained ranks {', '.join(map(str, config.ranks))}")]
-        usage = "## Load\n\n```python\nfrom transformers import AutoModelForCausalLM\n" \
-                "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/dir\")\n```"
-        (Path(tmp) / CARD_NAME).write_text(model_card(title="Base model with a nested LoRA prefix merged in",
-                                                       base_model=str(base) if base else None, rows=rows, usage=usage,
-                                                       library="transformers", tags=("matryoshka-lora", "merged")))
+        (Path(tmp) / CARD_NAME).write_text(merged_card(base, rank, default, adapter_dir, config))
     return Path(out_dir)

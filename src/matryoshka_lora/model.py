@@ -24,7 +24,8 @@ import torch
 
 from . import peft_seam
 from .config import MatryoshkaConfig
-from .weighting import prefix_weights, rank_weights
+from .ranks import layer_ranks
+from .weighting import fold_factors, prefix_weights, rank_weights
 
 
 class RankController:
@@ -200,29 +201,6 @@ class _Restore:
         return False
 
 
-def _resolve(controller: RankController, rank, default: int | None) -> object:
-    r = controller.config.r
-    if rank is None:
-        return None
-    if isinstance(rank, Mapping):
-        unknown = [p for p in rank if not any(peft_seam.matches(p, n) for n in controller.layer_names)]
-        if unknown:
-            examples = ", ".join(controller.layer_names[:3])
-            raise ValueError(f"Layer patterns {unknown} match no adapted layer. Adapted layers look like: {examples}, ...")
-        fallback = r if default is None else default
-        per_layer = {}
-        for name in controller.layer_names:
-            hits = [k for p, k in rank.items() if peft_seam.matches(p, name)]
-            per_layer[name] = hits[-1] if hits else fallback
-        for k in set(per_layer.values()):
-            prefix_weights(r, k)  # validates 0 <= k <= r
-        return per_layer
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"rank={rank!r} must be an int in 0..{r}, a {{layer pattern: rank}} dict, or None for training.")
-    prefix_weights(r, rank)
-    return rank
-
-
 def set_rank(model: torch.nn.Module, rank: int | Mapping[str, int] | None, default: int | None = None) -> _Restore:
     """Run the model at a rank prefix (SPEC "Inference at any rank").
 
@@ -241,7 +219,8 @@ def set_rank(model: torch.nn.Module, rank: int | Mapping[str, int] | None, defau
     """
     controller = get_controller(model)
     previous = controller.mode
-    controller.set_mode(_resolve(controller, rank, default))
+    mode = None if rank is None else layer_ranks(controller.config.r, controller.layer_names, rank, default)
+    controller.set_mode(mode)
     return _Restore(controller, previous)
 
 
@@ -290,7 +269,7 @@ def fold_p(model: torch.nn.Module) -> MatryoshkaConfig:
     p, folded = fold_plan(controller.config)
     for _, layer in peft_seam.lora_layers(model):
         A, _ = peft_seam.factors(layer)  # (R, m)
-        A.mul_(p.to(A.device, A.dtype)[:, None])
+        A.copy_(fold_factors(A, p))
     controller.config = folded
     controller._cache.clear()
     return folded

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Example
+from .examples import Example
 
 logger = logging.getLogger(__name__)
 

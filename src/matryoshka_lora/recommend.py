@@ -14,19 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .export import Footprint, rank_footprint
-from .report import is_percent, check_results, load_results, scores
-
-
-def pick_method(results: Mapping, method: str | None = None, origin: str = "The results") -> str:
-    """`method` if the results hold it; the only method when there is one; else a ValueError listing them."""
-    names = list(results["methods"])
-    if method is None:
-        if len(names) == 1:
-            return names[0]
-        raise ValueError(f"{origin} hold several methods; pick one with method= (--method). Available: {', '.join(names)}")
-    if method not in names:
-        raise ValueError(f"Unknown method {method!r}. Available: {', '.join(names)} (in {origin}).")
-    return method
+from .report import check_results, is_percent, load_results, pick_method, scores
 
 
 @dataclass(frozen=True)

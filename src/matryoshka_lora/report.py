@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,25 @@ def check_results(data, origin: str) -> dict:
         raise ValueError(f"{origin} is not a valid matryoshka-lora results file:\n  - " + "\n  - ".join(problems)
                          + f"\nFix it, or {_FIX}.")
     return data
+
+
+def pick_method(results: Mapping, method: str | None = None, origin: str = "The results") -> str:
+    """`method` if the results hold it; the only method when there is one; else a ValueError listing them."""
+    names = list(results["methods"])
+    if method is None:
+        if len(names) == 1:
+            return names[0]
+        raise ValueError(f"{origin} hold several methods; pick one with method= (--method). Available: {', '.join(names)}")
+    if method not in names:
+        raise ValueError(f"Unknown method {method!r}. Available: {', '.join(names)} (in {origin}).")
+    return method
+
+
+def accuracy_at(results, rank: int, method: str | None = None) -> tuple[str, str, float] | None:
+    """(method, metric, score) measured at `rank` in a results file or dict; None if not evaluated."""
+    data = results if isinstance(results, Mapping) else load_results(results)
+    method = pick_method(data, method)
+    row = data["methods"][method]["per_rank"].get(str(rank))
+    if row is None or data["metric"] not in row:
+        return None
+    return method, data["metric"], float(row[data["metric"]])

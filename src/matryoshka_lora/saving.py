@@ -24,6 +24,7 @@ from .files import (DiskFullError, atomic_directory, atomic_write_text, check_ta
 from .locking import locks_output
 from .model import attach, fold_plan, get_controller
 from .models import portable_name
+from .weighting import fold_factors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -181,7 +182,7 @@ def fold_adapter(directory: str | Path, out_dir: str | Path, overwrite: bool = F
     for key, t in tensors.items():
         parsed = peft_seam.parse_lora_key(key)
         if parsed and parsed[1] == "A":  # (R, m)
-            tensors[key] = t * p.to(t.dtype)[:, None]
+            tensors[key] = fold_factors(t, p)
     with atomic_directory(out_dir, overwrite) as tmp:
         for item in directory.iterdir():
             if item.is_file() and item.name not in (WEIGHTS_NAME, CONFIG_NAME):

@@ -25,7 +25,7 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 
-from .data import Example
+from .examples import Example
 
 OPERATIONS = ("+", "-", "*")
 NAMES = [("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Lily", "she"), ("Sam", "he"), ("Mia", "she"),

@@ -1,37 +1,32 @@
 """Training on the Hugging Face Trainer (so `accelerate launch` scales it with DDP/FSDP/DeepSpeed).
 
-We add one callback and override two Trainer methods (plus `_get_output_dir`, to point a save
-at its staging directory), nothing else of its loop:
+We add one callback and one `training_step`, nothing else of the Trainer's loop:
 - multirank (`MultirankLoss`, a mixin TRL's SFTTrainer takes too): `training_step` stacks the
   batch |S| times and copy i runs at rank S_i (one masked bottleneck, `set_row_ranks`, kept
   through the backward so activation checkpointing recomputes the same forward), so one
-  forward/backward gives the exact mean of the |S| rank losses, at |S| times the compute. With `ranks_per_step = n` it stacks n copies: the largest
-  rank plus n - 1 drawn from the rest of S per step (a pure function of (seed, step)).
+  forward/backward gives the exact mean of the |S| rank losses, at |S| times the compute. With
+  `ranks_per_step = n` it stacks n copies: the largest rank plus n - 1 drawn from the rest of S
+  per step (a pure function of (seed, step)).
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
   under gradient accumulation), or with `dylora_draw="micro_batch"` one per micro-batch (again
   at `on_substep_end`, after each micro-batch but the step's last). The draw is a pure function
   of (seed, global_step[, micro-batch index]), so every data-parallel process and every resumed
   run draws the same rank.
-- `training_step`: a NaN/inf loss stops the run at once, with the step number, before the
-  optimizer applies it (the Trainer would otherwise replace it by an average and go on).
-- `_save_checkpoint`: checkpoints are written into `checkpoints/.saving/` and renamed into
-  place when complete, with `matryoshka_config.json` and the DyLoRA draws inside. A kill or a
-  full disk during a save leaves the previous checkpoint as the latest usable one.
-
-`checkpoint-N/` holds the adapter (safetensors), optimizer.pt, scheduler.pt, rng_state*.pth,
-trainer_state.json, matryoshka_config.json and matryoshka_state.json (seed, step, draws).
+- a NaN/inf loss stops the run at once, with the step number, before the optimizer applies it
+  (the Trainer would otherwise replace it by an average and go on).
+- checkpoints are atomic (checkpoints.py: written into `checkpoints/.saving/`, renamed into place
+  when complete), with `matryoshka_config.json` and the DyLoRA draws inside.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,18 +34,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from . import peft_seam
-from .config import CONFIG_NAME, MatryoshkaConfig
+from .checkpoints import STAGING, STATE_NAME, AtomicCheckpoints, last_good_note, resume_point
+from .config import MatryoshkaConfig
+from .files import atomic_write_text
 from .model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_row_ranks
-from .saving import (atomic_write_text, check_adapter_dir, config_differences, explain_disk_full, replace_directory,
-                     save_matryoshka)
+from .saving import save_matryoshka
 from .svd import svd_order
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STAGING = ".saving"  # checkpoints are written here, then renamed to checkpoints/checkpoint-N
-STATE_NAME = "matryoshka_state.json"
-DEPLOY_ORDERS = ("none", "fold", "svd")  # in each checkpoint: seed, global step, DyLoRA draws so far
+DEPLOY_ORDERS = ("none", "fold", "svd")
 
 
 @dataclass
@@ -221,10 +214,8 @@ class MultirankLoss:
             return super().training_step(model, stacked, num_items_in_batch)
 
 
-class MatryoshkaTrainer(MultirankLoss, Trainer):
+class MatryoshkaTrainer(MultirankLoss, AtomicCheckpoints, Trainer):
     """The HF Trainer with multirank, a per-step NaN/inf stop and atomic checkpoints (see the module docstring)."""
-
-    _staging: str | None = None  # while a checkpoint is being written: the directory it goes to
 
     def _any_process(self, flag: bool) -> bool:
         """`flag` or-ed over all processes, so that every process stops at the same point."""
@@ -245,62 +236,22 @@ class MatryoshkaTrainer(MultirankLoss, Trainer):
             raise NonFiniteLoss(
                 f"Loss became {value if not math.isfinite(value) else 'NaN/inf on another process'} at step "
                 f"{self.state.global_step + 1}; training stopped before that step's update. "
-                f"{_last_good(Path(self.args.output_dir))} Lower --learning-rate, use --dtype float32, or check the data."
+                f"{last_good_note(Path(self.args.output_dir))} Lower --learning-rate, use --dtype float32, or check the data."
             )
         return loss
 
-    def _get_output_dir(self, trial) -> str:
-        return self._staging if self._staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        staging, main = run_dir / STAGING, self.is_world_process_zero()
+    def before_checkpoint(self, run_dir: Path, name: str) -> None:
         if not self._weights_finite():
             raise NonFiniteLoss(f"Adapter weights became NaN/inf at step {self.state.global_step}; {name} was not "
-                                f"written. {_last_good(run_dir)} Lower --learning-rate or use --dtype float32.")
-        if main:
-            shutil.rmtree(staging / name, ignore_errors=True)  # left by a save that was killed
-        self.accelerator.wait_for_everyone()
-        self._staging = str(staging)
-        try:
-            with explain_disk_full(run_dir / name, f"; the latest complete checkpoint is still "
-                                                   f"{latest_checkpoint(run_dir) or 'none'}, resume from it with --resume"):
-                super()._save_checkpoint(model, trial)  # every process writes its part (RNG state, shards)
-                self.accelerator.wait_for_everyone()
-                if main:
-                    get_controller(self.model).config.save(staging / name)
-                    draws = next((c.draws for c in self.callback_handler.callbacks if isinstance(c, MatryoshkaCallback)), [])
-                    state = {"global_step": self.state.global_step, "seed": get_controller(self.model).config.seed,
-                             "dylora_draws": draws}
-                    atomic_write_text(staging / name / STATE_NAME, json.dumps(state) + "\n")
-                    replace_directory(staging / name, run_dir / name)
-                    _rotate(run_dir, self.args.save_total_limit)
-        except BaseException:
-            if main:
-                shutil.rmtree(staging / name, ignore_errors=True)
-            raise
-        finally:
-            self._staging = None
-        self.accelerator.wait_for_everyone()
+                                f"written. {last_good_note(run_dir)} Lower --learning-rate or use --dtype float32.")
 
-
-def _rotate(run_dir: Path, keep: int | None) -> None:
-    """Delete all but the `keep` newest complete checkpoints (moved into staging first, so a
-    checkpoint is never seen half-deleted)."""
-    if not keep or keep <= 0:
-        return
-    for old in _complete_checkpoints(run_dir)[:-keep]:
-        trash = run_dir / STAGING / f"deleting-{old.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(old, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _last_good(run_dir: Path) -> str:
-    last = latest_checkpoint(run_dir)
-    return (f"The last good checkpoint is {last}." if last is not None
-            else "No checkpoint was written (set --save-steps to keep some).")
+    def complete_checkpoint(self, directory: Path) -> None:
+        """The adapter options and the DyLoRA draws so far, for resume."""
+        get_controller(self.model).config.save(directory)
+        draws = next((c.draws for c in self.callback_handler.callbacks if isinstance(c, MatryoshkaCallback)), [])
+        state = {"global_step": self.state.global_step, "seed": get_controller(self.model).config.seed,
+                 "dylora_draws": draws}
+        atomic_write_text(directory / STATE_NAME, json.dumps(state) + "\n")
 
 
 @dataclass
@@ -338,15 +289,31 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
         NonFiniteLoss: the loss or the weights became NaN/inf (the last good checkpoint is kept).
         DiskFullError: the disk filled up during a save (nothing half-written is left).
     """
-    from transformers import DataCollatorForSeq2Seq
-
     if config.deploy_order == "fold" and adapter.method in ("dylora", "multirank"):
         raise ValueError(f"deploy_order='fold' needs a fixed P, but method={adapter.method!r} trains each rank with "
                          "its own s_k P_k; use deploy_order='svd' or 'none'.")
     out = Path(config.output_dir)
-    checkpoints = out / "checkpoints"
-    resume = resume_point(checkpoints, adapter, config.resume)
+    resume = resume_point(out / "checkpoints", adapter, config.resume)
     args = config.training_arguments()
+    _check_process_group(args)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model, trainer, callback = _build_trainer(model, tokenizer, train_dataset, adapter, config, args, collator)
+    _prepare_resume(trainer, callback, resume)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+    peft_model.eval()
+    per_process = _agreed_draws(trainer, callback.draws)
+    meta = {"train": asdict(config), "adapter": adapter.to_dict(), "seconds": seconds, "global_step": trainer.state.global_step,
+            "world_size": trainer.args.world_size, "resumed_from": str(resume) if resume else None,
+            "dylora_draws": callback.draws, "dylora_draws_per_process": per_process, **(extra_metadata or {})}
+    _save_outputs(trainer, peft_model, config.deploy_order, out, meta)
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(out / "adapter", peft_model, trainer.state.log_history, seconds, callback.draws)
+
+
+def _check_process_group(args: TrainingArguments) -> None:
+    """Refuse a multi-process launch whose processes would each train alone."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
         raise ValueError(
@@ -354,12 +321,18 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
             "was found), so each would train alone and overwrite the same files. On CPUs launch with "
             f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} -m matryoshka_lora.cli "
             "train ...`; on GPUs check that CUDA is visible to every process.")
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _build_trainer(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, config: TrainConfig,
+                   args: TrainingArguments, collator):
+    """(the nested adapter on `model`, seeded; the Trainer; its callback that draws ranks and snapshots)."""
+    from transformers import DataCollatorForSeq2Seq
+
     torch.manual_seed(config.seed)
     peft_model = get_matryoshka_model(model, adapter)
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
-    callback = MatryoshkaCallback(out / "snapshots", config.snapshot_steps, config.stop_after_steps)
+    callback = MatryoshkaCallback(Path(config.output_dir) / "snapshots", config.snapshot_steps, config.stop_after_steps)
     trainer = MatryoshkaTrainer(
         model=peft_model,
         args=args,
@@ -367,9 +340,13 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
         data_collator=collator or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[callback],
     )
-    main = trainer.is_world_process_zero()
-    if main:
-        shutil.rmtree(checkpoints / STAGING, ignore_errors=True)  # saves killed in an earlier run
+    return peft_model, trainer, callback
+
+
+def _prepare_resume(trainer: MatryoshkaTrainer, callback: MatryoshkaCallback, resume: Path | None) -> None:
+    """Clear saves killed in an earlier run and take over the DyLoRA draws made before `resume`."""
+    if trainer.is_world_process_zero():
+        shutil.rmtree(Path(trainer.args.output_dir) / STAGING, ignore_errors=True)
     if resume is not None:
         # The Trainer reads the adapter (safetensors) and, with torch.load(weights_only=True), the
         # optimizer.pt, scheduler.pt and rng_state*.pth files of `resume` (Accelerate's FSDP loader
@@ -381,90 +358,44 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
         if state_file.is_file():  # the draws before the resume point, so train_config.json lists them all
             callback.draws = [tuple(d) for d in json.loads(state_file.read_text())["dylora_draws"]]
     trainer.accelerator.wait_for_everyone()
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
-    peft_model.eval()
 
-    # Each process drew its ranks on its own; they must agree, because the draw is
-    # random.Random(f"{seed}:{global_step}"): same seed, same step, same k on every process.
-    per_process = [callback.draws]
+
+def _agreed_draws(trainer: MatryoshkaTrainer, draws: list) -> list[list]:
+    """Every process's DyLoRA draws, which must agree: the draw is random.Random(f"{seed}:{global_step}"),
+    so the same seed gives the same k at each step on every process."""
+    per_process = [draws]
     if trainer.args.world_size > 1:
         from accelerate.utils import gather_object
-        per_process = gather_object([callback.draws])
+        per_process = gather_object([draws])
     if any(d != per_process[0] for d in per_process):
         raise RuntimeError(f"DyLoRA processes drew different ranks: {per_process}. Every process must run with the same --seed.")
-    if callback.draws and len(per_process) > 1:
-        log.info("DyLoRA: the %d processes drew the same rank at each of %d steps.", len(per_process), len(callback.draws))
+    if draws and len(per_process) > 1:
+        log.info("DyLoRA: the %d processes drew the same rank at each of %d steps.", len(per_process), len(draws))
+    return per_process
+
+
+def _save_outputs(trainer: MatryoshkaTrainer, peft_model, deploy_order: str, out: Path, meta: dict) -> None:
+    """Process 0 writes `out/adapter` (in `deploy_order`), `loss_curve.json` and `train_config.json` (`meta`)."""
     state_dict = None  # sharded parameters are gathered to full tensors (a collective: every process)
     if trainer.is_fsdp_enabled:
         state_dict = trainer.accelerator.get_state_dict(trainer.model)
     elif trainer.is_deepspeed_enabled:
         state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
-    adapter_dir = out / "adapter"
-    if main:
-        tensors = peft_seam.adapter_state_dict(peft_model, state_dict=state_dict).values()
-        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
-            raise NonFiniteLoss(f"Adapter weights are NaN/inf after step {trainer.state.global_step}; the adapter was "
-                                f"not saved. {_last_good(checkpoints)} Lower --learning-rate or use --dtype float32.")
-        if config.deploy_order != "none":
-            if state_dict is not None:
-                raise ValueError(f"deploy_order={config.deploy_order!r} is not supported with sharded training "
-                                 "(FSDP/ZeRO-3); train with deploy_order='none', then run `mlora svd` or "
-                                 "`mlora fold` on the saved adapter.")
-            (fold_p if config.deploy_order == "fold" else svd_order)(peft_model)
-        save_matryoshka(peft_model, adapter_dir, state_dict)
-        history = trainer.state.log_history
-        atomic_write_text(out / "loss_curve.json", json.dumps(
-            [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")} for h in history if "loss" in h],
-            indent=1) + "\n")
-        meta = {"train": dataclasses.asdict(config), "adapter": adapter.to_dict(), "seconds": seconds,
-                "global_step": trainer.state.global_step,
-                "world_size": trainer.args.world_size, "resumed_from": str(resume) if resume else None,
-                "dylora_draws": callback.draws, "dylora_draws_per_process": per_process, **(extra_metadata or {})}
-        atomic_write_text(out / "train_config.json", json.dumps(meta, indent=2, default=str) + "\n")
-    trainer.accelerator.wait_for_everyone()
-    return TrainResult(adapter_dir, peft_model, trainer.state.log_history, seconds, callback.draws)
-
-
-def resume_point(checkpoints: Path, adapter: MatryoshkaConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (checked against `adapter`), or None for a fresh run."""
-    last = latest_checkpoint(checkpoints)
-    if not resume:
-        if last is not None:
-            raise FileExistsError(
-                f"{checkpoints.parent} already holds checkpoints of a run (latest: {last.name}). Pass --resume to "
-                f"continue it, or choose a new --output-dir (or delete {checkpoints}) to start over.")
-        return None
-    if last is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch.", checkpoints)
-        return None
-    try:
-        saved = check_adapter_dir(last)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"Cannot resume from {last}: {e}\nDelete {last} to resume from the checkpoint before it.") from e
-    problems = [f"{k}: the checkpoint has {before!r}, this run {now!r}" for k, before, now in config_differences(saved, adapter)]
-    if problems:
-        raise ValueError(f"Cannot resume from {last}: it was trained with other adapter options ({CONFIG_NAME}):\n  - "
-                         + "\n  - ".join(problems) + "\nResume with the options of that run, or choose a new --output-dir.")
-    log.info("Resuming from %s", last)
-    return last
-
-
-def _complete_checkpoints(directory: Path) -> list[Path]:
-    """checkpoint-N directories that were completely written, by increasing N."""
-    if not directory.is_dir():
-        return []
-    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()
-            and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint-N with the largest N that was completely written, or None.
-
-    Checkpoints are renamed into place only when complete, and half-written ones stay in
-    `.saving/`, so this never returns a checkpoint a kill interrupted.
-    """
-    done = _complete_checkpoints(Path(directory))
-    return done[-1] if done else None
+    if not trainer.is_world_process_zero():
+        return
+    tensors = peft_seam.adapter_state_dict(peft_model, state_dict=state_dict).values()
+    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+        raise NonFiniteLoss(f"Adapter weights are NaN/inf after step {trainer.state.global_step}; the adapter was "
+                            f"not saved. {last_good_note(out / 'checkpoints')} Lower --learning-rate or use --dtype float32.")
+    if deploy_order != "none":
+        if state_dict is not None:
+            raise ValueError(f"deploy_order={deploy_order!r} is not supported with sharded training "
+                             "(FSDP/ZeRO-3); train with deploy_order='none', then run `mlora svd` or "
+                             "`mlora fold` on the saved adapter.")
+        (fold_p if deploy_order == "fold" else svd_order)(peft_model)
+    save_matryoshka(peft_model, out / "adapter", state_dict)
+    history = trainer.state.log_history
+    atomic_write_text(out / "loss_curve.json", json.dumps(
+        [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")} for h in history if "loss" in h],
+        indent=1) + "\n")
+    atomic_write_text(out / "train_config.json", json.dumps(meta, indent=2, default=str) + "\n")

@@ -12,7 +12,8 @@ Every method is a choice of P (length R). With `s_q` the scale of rank q and
                 first-order surrogate P = (1/|S|) sum_q s_q P_q
 
 Evaluating or deploying at rank k uses the same prefix rule as DyLoRA:
-`prefix_weights(r, k) = s_k P_k`. Nothing else in the package builds P.
+`prefix_weights(r, k) = s_k P_k` on the live model, `prefix_factors` (A_k, B_k, s_k) on saved
+factors, and `fold_factors` moves a P into lora_A. Nothing else in the package builds P or cuts a prefix.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+
+from .checks import is_int
 
 METHODS = ("matryoshka", "lora", "dylora", "custom", "multirank")
 SCALINGS = ("none", "rank", "sqrt")
@@ -45,10 +48,6 @@ def rank_scale(q: int, scaling: str = "none", alpha: float = 1.0) -> float:
     raise ValueError(f"Unknown scaling {scaling!r}. Available: {', '.join(SCALINGS)}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def validate_schedule(
     r,
     ranks,
@@ -60,16 +59,16 @@ def validate_schedule(
 ) -> list[str]:
     """Return every problem with a rank schedule, each naming the fix (empty list when valid)."""
     problems: list[str] = []
-    if not _is_int(r) or r < 1:
+    if not is_int(r) or r < 1:
         problems.append(f"r={r!r} must be a positive integer (the maximum rank R), e.g. r=32.")
         r = None
     if ranks is None or len(ranks) == 0:
         problems.append("ranks is empty; pass at least one rank, e.g. ranks=[1, 2, 4, 8].")
         ranks = []
-    bad_type = [q for q in ranks if not _is_int(q)]
+    bad_type = [q for q in ranks if not is_int(q)]
     if bad_type:
         problems.append(f"ranks must be integers; got {bad_type}.")
-    ints = [q for q in ranks if _is_int(q)]
+    ints = [q for q in ranks if is_int(q)]
     non_pos = [q for q in ints if q < 1]
     if non_pos:
         problems.append(f"ranks must be positive; remove {non_pos}.")
@@ -105,7 +104,7 @@ def validate_schedule(
     if method == "dylora":
         if k is None:
             problems.append("method='dylora' needs the sampled rank k; pass k= one of ranks.")
-        elif not _is_int(k) or k not in ints:
+        elif not is_int(k) or k not in ints:
             problems.append(f"k={k!r} is not in ranks={list(ranks)}; DyLoRA draws k from the rank set.")
     return problems
 
@@ -129,14 +128,40 @@ def check_schedule(r, ranks, method="matryoshka", scaling="none", alpha=1.0, wei
         raise ValueError("Invalid rank schedule:\n  - " + "\n  - ".join(problems))
 
 
-def prefix_weights(r: int, k: int, scaling: str = "none", alpha: float = 1.0) -> torch.Tensor:
-    """The rank-k prefix rule `s_k P_k`: shape (r,), first k entries s_k, rest 0. k=0 gives zeros (adapter off)."""
-    if not _is_int(k) or not 0 <= k <= r:
+def check_rank(r: int, k) -> int:
+    """k itself when a layer can run it (0 = base model .. R), else a ValueError naming the range."""
+    if not is_int(k) or not 0 <= k <= r:
         raise ValueError(f"rank k={k!r} is outside 0..r={r}; pick a rank between 0 (base model) and {r}.")
+    return k
+
+
+def prefix_weights(r: int, k: int, scaling: str = "none", alpha: float = 1.0) -> torch.Tensor:
+    """The rank-k prefix rule `s_k P_k` as the live model's vector: shape (r,), first k entries s_k,
+    rest 0. k=0 gives zeros (adapter off). `prefix_factors` is the same rule on the factors."""
+    check_rank(r, k)
     p = torch.zeros(r, dtype=torch.float64)
     if k > 0:
         p[:k] = rank_scale(k, scaling, alpha)
     return p.float()
+
+
+def prefix_factors(A, B, k: int, scaling: str = "none", alpha: float = 1.0):
+    """The rank-k prefix of one layer's factors: (A_k, B_k, s_k), so that rank k adds s_k B_k A_k.
+
+    PEFT layout: A = lora_A (R, m) gives its first k rows (k, m), B = lora_B (n, R) its first k
+    columns (n, k). Works on tensors and on safetensors slices alike. This is `prefix_weights`
+    applied to the factors; merge and export cut ranks with it.
+    """
+    R = A.get_shape()[0] if hasattr(A, "get_shape") else A.shape[0]
+    if not is_int(k) or not 1 <= k <= R:
+        raise ValueError(f"rank k={k!r} is outside 1..r={R}; a prefix has between 1 and {R} ranks.")
+    return A[:k], B[:, :k], rank_scale(k, scaling, alpha)
+
+
+def fold_factors(A: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`diag(p) A` (A = lora_A (R, m)): the vector p moved into the factor ("fold"), so the plain
+    prefix rule on the result cuts the trained product A diag(p) B."""
+    return A * p.to(A.device, A.dtype)[:, None]
 
 
 def rank_weights(

@@ -16,23 +16,15 @@ Scores land in `report.py`'s results schema, in percent (perplexity-like metrics
 Metric keys are lm-eval's `"<metric>,<filter>"` (e.g. `"exact_match,strict-match"`); with
 several tasks each key is prefixed by its task (`"gsm8k/exact_match,strict-match"`).
 
-Local tasks ship in `matryoshka_lora/tasks/` as templates: `${GSM8K_DIR}` and `${TASK_DIR}`
-in their `data_files` are filled in by `write_local_tasks` (lm-eval resolves relative data
-paths against the working directory, so the written copies get absolute paths). `gsm8k_local` is
-lm-eval's `gsm8k` with only the data source changed; its directory comes from `gsm8k_dir`,
-else `$MLORA_GSM8K_DIR`, else the nearest `shared/data/gsm8k` in the working directory or a
-parent (`../shared/data/gsm8k` from the repository root).
-To run the same tasks with the plain `lm_eval` CLI, write them once with `write_local_tasks`
-and pass that folder as `--include_path`.
+The shipped local tasks (`gsm8k_local`, `tiny_mc`), lm-eval's optional import and the task
+lookup live in `harness_tasks.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import os
 import re
 import tempfile
 import time
@@ -43,14 +35,11 @@ from typing import Any
 
 import torch
 
+from ..gsm8k import DEFAULT_GSM8K_DIR, GSM8K_ENV
 from ..locking import locks_output
 from ..model import get_controller, set_rank
 from ..report import method_summary, write_results
-
-INSTALL_HINT = "lm-eval is not installed: pip install 'matryoshka-lora[harness]'"
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
-GSM8K_ENV = "MLORA_GSM8K_DIR"
-DEFAULT_GSM8K_DIR = "../shared/data/gsm8k"
+from .harness_tasks import build_task_manager, check_local_data, import_lm_eval, resolve_gsm8k_dir, write_local_tasks
 
 # Headline metric when the user names none. GSM8K: the paper's strict exact match. ARC and
 # HellaSwag at 25/10 shots are the Open LLM Leaderboard settings, which report acc_norm.
@@ -62,94 +51,6 @@ DEFAULT_METRICS = {
 }
 # Metrics lm-eval reports on their own scale; every other metric is a fraction, shown in percent.
 _RAW_SCALE = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "bleu", "chrf", "ter"}
-
-
-class HarnessNotInstalled(ImportError):
-    """lm-eval (the `harness` extra) is missing; the message is the one-line install hint."""
-
-    def __init__(self):
-        super().__init__(INSTALL_HINT)
-
-
-def _lm_eval():
-    """Import lm-eval lazily: it is an optional extra."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise HarnessNotInstalled() from e
-    return lm_eval, HFLM, TaskManager
-
-
-# -- local tasks ------------------------------------------------------------------------------
-def resolve_gsm8k_dir(gsm8k_dir: str | Path | None = None) -> Path:
-    """The GSM8K folder for `gsm8k_local`.
-
-    Order: the argument; else $MLORA_GSM8K_DIR; else the nearest `shared/data/gsm8k` in the
-    working directory or one of its parents (`../shared/data/gsm8k` from a checkout next to
-    `shared/`); else `../shared/data/gsm8k` (missing; the caller's error names it).
-    """
-    chosen = gsm8k_dir or os.environ.get(GSM8K_ENV)
-    if chosen:
-        return Path(chosen).expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    for folder in (cwd, *cwd.parents):
-        candidate = folder / "shared" / "data" / "gsm8k"
-        if (candidate / "test.jsonl").is_file():
-            return candidate
-    return (cwd / DEFAULT_GSM8K_DIR).resolve()
-
-
-def write_local_tasks(directory: str | Path, gsm8k_dir: str | Path | None = None) -> Path:
-    """Write the shipped task YAMLs into `directory` with absolute data paths filled in.
-
-    `${GSM8K_DIR}` becomes `resolve_gsm8k_dir(gsm8k_dir)`; `${TASK_DIR}` becomes the shipped
-    task folder, so data shipped with the package is read in place (a stable path, which keeps
-    the `datasets` cache from growing a new entry per run).
-
-    Args:
-        directory: Where to write one sub-folder per task (created if missing).
-        gsm8k_dir: Folder with GSM8K's train.jsonl and test.jsonl (see `resolve_gsm8k_dir`).
-
-    Returns:
-        `directory`, ready to pass to lm-eval as an include path.
-    """
-    directory = Path(directory)
-    gsm8k = resolve_gsm8k_dir(gsm8k_dir).as_posix()
-    for task_dir in sorted(p for p in TASKS_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))):
-        out = directory / task_dir.name
-        out.mkdir(parents=True, exist_ok=True)
-        for src in sorted(task_dir.glob("*.yaml")):
-            text = src.read_text().replace("${GSM8K_DIR}", gsm8k).replace("${TASK_DIR}", task_dir.as_posix())
-            (out / src.name).write_text(text)
-    return directory
-
-
-def _check_local_data(tasks: Sequence[str], gsm8k_dir) -> None:
-    if "gsm8k_local" not in tasks:
-        return
-    folder = resolve_gsm8k_dir(gsm8k_dir)
-    missing = [n for n in ("train.jsonl", "test.jsonl") if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"gsm8k_local needs {', '.join(missing)} in {folder}; pass gsm8k_dir (--gsm8k-dir DIR) "
-            f"or set ${GSM8K_ENV} to the folder holding GSM8K's train.jsonl and test.jsonl."
-        )
-
-
-def _task_manager(TaskManager, tasks: Sequence[str], include_paths: list[str]):
-    """Index only the include paths when they hold every task (lm-eval's full index takes ~15-30 s)."""
-    tm = TaskManager(include_path=include_paths, include_defaults=False)
-    if not all(t in tm.all_tasks for t in tasks):
-        tm = TaskManager(include_path=include_paths)
-    unknown = [t for t in tasks if t not in tm.all_tasks]
-    if unknown:
-        hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=5) for t in unknown}
-        lines = [f"  - {t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items()]
-        raise ValueError("Unknown lm-eval task(s):\n" + "\n".join(lines)
-                         + "\nList tasks with `lm_eval ls tasks`; for local YAMLs pass include_path (--include-path DIR).")
-    return tm
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -279,7 +180,7 @@ def harness_sweep(
         ValueError: an unknown task, metric or rank.
         FileNotFoundError: `gsm8k_local` requested but its data is missing.
     """
-    lm_eval, HFLM, TaskManager = _lm_eval()
+    lm_eval, HFLM, TaskManager = import_lm_eval()
     tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not tasks:
         raise ValueError("tasks is empty; name at least one lm-eval task, e.g. tasks=['gsm8k'].")
@@ -291,7 +192,7 @@ def harness_sweep(
         raise ValueError(f"ranks is empty; pass ranks in 1..r={r}, e.g. {controller.config.ranks}.")
     if bad:
         raise ValueError(f"ranks {bad} are outside 1..r={r}; the adapter was trained with ranks {controller.config.ranks}.")
-    _check_local_data(tasks, gsm8k_dir)
+    check_local_data(tasks, gsm8k_dir)
     extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
 
     started = time.perf_counter()
@@ -301,7 +202,7 @@ def harness_sweep(
     try:
         with tempfile.TemporaryDirectory(prefix="mlora_tasks_") as tmp:
             include = [str(write_local_tasks(tmp, gsm8k_dir))] + [str(Path(p).resolve()) for p in extra]
-            task_manager = _task_manager(TaskManager, tasks, include)
+            task_manager = build_task_manager(TaskManager, tasks, include)
             lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
             def evaluate(k: int, label: str) -> tuple[dict[str, float], float, dict]:
@@ -449,8 +350,8 @@ def harness_eval(config: HarnessConfig) -> dict[str, Path]:
     from ..models import check_model, load_model
     from ..saving import check_adapter_dir, load_matryoshka_model
 
-    _lm_eval()  # fail before the (slow) model load
-    _check_local_data(config.tasks, config.gsm8k_dir)
+    import_lm_eval()  # fail before the (slow) model load
+    check_local_data(config.tasks, config.gsm8k_dir)
     check_model(config.model, config.gguf_file)
     check_adapter_dir(config.adapter)
     base, tokenizer = load_model(config.model, config.gguf_file, config.dtype, device=config.device)
@@ -472,7 +373,3 @@ def harness_eval(config: HarnessConfig) -> dict[str, Path]:
         paths["samples"] = samples_dir
     return paths
 
-
-def run_harness_eval(args) -> dict[str, Path]:
-    """CLI entry: `mlora eval --harness ...` -> HarnessConfig.from_args(args) -> harness_eval."""
-    return harness_eval(HarnessConfig.from_args(args))
