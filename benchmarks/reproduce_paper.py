@@ -47,7 +47,7 @@ from matryoshka_lora.comparison import (SharedBase, mean_std, pick_learning_rate
                                         split_options)
 from matryoshka_lora.experiment import load_yaml  # noqa: E402
 from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
-from matryoshka_lora.saving import atomic_write_text  # noqa: E402
+from matryoshka_lora.files import atomic_write_text  # noqa: E402
 
 
 def _write(path: Path, data) -> None:

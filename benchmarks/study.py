@@ -48,7 +48,7 @@ from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
 from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
 from matryoshka_lora.models import load_model  # noqa: E402
 from matryoshka_lora.report import new_plot, save_log2_plot  # noqa: E402
-from matryoshka_lora.saving import atomic_write_text  # noqa: E402
+from matryoshka_lora.files import atomic_write_text  # noqa: E402
 from matryoshka_lora.checkpoints import latest_checkpoint  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16, 32]

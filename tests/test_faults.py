@@ -23,7 +23,8 @@ from matryoshka_lora import load_matryoshka_model
 from matryoshka_lora.cli import main
 from matryoshka_lora.experiment import RunConfig, train
 from matryoshka_lora.models import load_model
-from matryoshka_lora.saving import DiskFullError, atomic_write_text, save_matryoshka
+from matryoshka_lora.files import DiskFullError, atomic_write_text
+from matryoshka_lora.saving import save_matryoshka
 from matryoshka_lora.checkpoints import STAGING, check_trainer_api, latest_checkpoint
 from matryoshka_lora.training import MatryoshkaCallback, NonFiniteLoss
 

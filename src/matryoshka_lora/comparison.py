@@ -31,7 +31,8 @@ from pathlib import Path
 from .experiment import RunConfig, check_inputs, evaluate, flat_fields, load_model_for, train
 from .locking import locks_output
 from .report import higher_is_better, write_results
-from .saving import atomic_write_text, load_matryoshka_model
+from .files import atomic_write_text
+from .saving import load_matryoshka_model
 from .checkpoints import latest_checkpoint
 from .weighting import METHODS
 

@@ -25,7 +25,8 @@ from .model import get_controller
 from .models import DTYPES, check_model, load_model
 from .prompts import encode_examples, make_collator
 from .report import method_summary, write_results
-from .saving import atomic_write_text, check_adapter_dir, load_matryoshka_model
+from .files import atomic_write_text
+from .saving import check_adapter_dir, load_matryoshka_model
 from .training import TrainConfig, train_adapter
 
 

@@ -37,7 +37,8 @@ from .cards import CARD_NAME, adapter_card
 from .config import MatryoshkaConfig
 from .locking import locks_output
 from .ranks import parse_rank_spec, rank_list, resolve_ranks
-from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, atomic_directory, check_target
+from .files import atomic_directory, check_target
+from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
 from .sources import AdapterSource, open_source
 from .weighting import rank_scale
 

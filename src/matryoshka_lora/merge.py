@@ -24,7 +24,8 @@ from .locking import locks_output
 from .model import get_controller
 from .models import check_model, load_model, portable_name
 from .ranks import parse_rank_spec, resolve_ranks
-from .saving import atomic_directory, check_target, load_matryoshka_model
+from .files import atomic_directory, check_target
+from .saving import load_matryoshka_model
 from .sources import open_source
 from .weighting import prefix_factors
 

@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
-from .files import (DiskFullError, atomic_directory, atomic_write_text, check_target, explain_disk_full,  # noqa: F401
-                    is_disk_full, read_json, replace_directory)
+from .files import atomic_directory, read_json
 from .locking import locks_output
 from .model import attach, fold_plan, get_controller
 from .models import portable_name

@@ -30,7 +30,8 @@ from . import peft_seam
 from .config import CONFIG_NAME, MatryoshkaConfig
 from .locking import locks_output
 from .model import get_controller
-from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, atomic_directory, check_adapter_dir, config_record
+from .files import atomic_directory
+from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir, config_record
 from .weighting import default_ranks, prefix_weights, rank_weights
 
 

@@ -38,6 +38,7 @@ import torch
 from ..gsm8k import DEFAULT_GSM8K_DIR, GSM8K_ENV
 from ..locking import locks_output
 from ..model import get_controller, set_rank
+from ..ranks import check_sweep_ranks
 from ..report import method_summary, write_results
 from .harness_tasks import build_task_manager, check_local_data, import_lm_eval, resolve_gsm8k_dir, write_local_tasks
 
@@ -185,13 +186,7 @@ def harness_sweep(
     if not tasks:
         raise ValueError("tasks is empty; name at least one lm-eval task, e.g. tasks=['gsm8k'].")
     controller = get_controller(model)
-    r = controller.config.r
-    ranks = sorted(controller.config.ranks if ranks is None else {int(k) for k in ranks})
-    bad = [k for k in ranks if not 1 <= k <= r]
-    if not ranks:
-        raise ValueError(f"ranks is empty; pass ranks in 1..r={r}, e.g. {controller.config.ranks}.")
-    if bad:
-        raise ValueError(f"ranks {bad} are outside 1..r={r}; the adapter was trained with ranks {controller.config.ranks}.")
+    ranks = check_sweep_ranks(controller.config.r, controller.config.ranks, ranks)
     check_local_data(tasks, gsm8k_dir)
     extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
 
@@ -233,7 +228,7 @@ def harness_sweep(
 
     name = method_name or controller.config.method
     entry = method_summary(per_rank, headline)
-    entry.update(r=r, timings={"per_rank_s": rank_s})
+    entry.update(r=controller.config.r, timings={"per_rank_s": rank_s})
     info = first.get("config", {})
     return {
         "metric": headline,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from ..model import get_controller, set_rank
+from ..ranks import check_sweep_ranks
 from ..prompts import build_prompt, encode_examples, encode_prompt, stop_strings
 from .generation import GenerationScorer, compile_answer_regex, generate
 from .likelihood import completion_loss, multiple_choice
@@ -121,7 +122,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
         {"metric", "ranks", "base", "per_rank": {k: {metric: value}}, "timings", ["items"]}.
     """
     controller = get_controller(model)
-    ranks = sorted(config.eval_ranks or controller.config.ranks)
+    ranks = check_sweep_ranks(controller.config.r, controller.config.ranks, config.eval_ranks or None)
     prep = _Prepared(tokenizer, examples, fewshot, config, chat_template, max_length, truncate)
     stop = stop_strings(chat_template, tokenizer)
     todo = ([0] if config.include_base else []) + ranks
