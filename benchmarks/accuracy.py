@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from matryoshka_lora import fold_p, load_matryoshka_model  # noqa: E402
-from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
-from matryoshka_lora.models import load_model  # noqa: E402
-from matryoshka_lora.report import plot  # noqa: E402
-from matryoshka_lora.files import atomic_write_text  # noqa: E402
 from matryoshka_lora.checkpoints import latest_checkpoint  # noqa: E402
+from matryoshka_lora.core.files import atomic_write_text  # noqa: E402
+from matryoshka_lora.core.models import load_model  # noqa: E402
+from matryoshka_lora.evaluation.report import plot  # noqa: E402
+from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16, 32]
 # lr multipliers per method relative to --base-lr, spaced for each method's effective step: the

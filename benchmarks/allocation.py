@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from matryoshka_lora import DataConfig, encode_examples, load_examples, load_matryoshka_model, set_rank  # noqa: E402
-from matryoshka_lora.allocation import allocation_curve  # noqa: E402
+from matryoshka_lora.core.models import load_model  # noqa: E402
+from matryoshka_lora.data.prompts import build_prompt, encode_prompt, stop_strings  # noqa: E402
+from matryoshka_lora.deploy.allocation import allocation_curve  # noqa: E402
 from matryoshka_lora.evaluation.generation import generate, score_generations  # noqa: E402
 from matryoshka_lora.evaluation.likelihood import completion_loss, token_logprobs  # noqa: E402
 from matryoshka_lora.experiment import RunConfig, train  # noqa: E402
-from matryoshka_lora.models import load_model  # noqa: E402
-from matryoshka_lora.prompts import build_prompt, encode_prompt, stop_strings  # noqa: E402
 
 MODEL = "smollm2-135m"
 # The demo's MatryoshkaLoRA run (demo.py: DEMO with DEMO_LRS["matryoshka"]).
@@ -280,8 +280,8 @@ def compare_rules(args) -> int:
     from peft.tuners.lora.conversion import convert_to_lora
 
     from matryoshka_lora import svd_adapter
-    from matryoshka_lora.allocation import _layer_keys
-    from matryoshka_lora.spectrum import layer_spectra
+    from matryoshka_lora.deploy.allocation import _layer_keys
+    from matryoshka_lora.deploy.spectrum import layer_spectra
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     budgets = sorted(int(k) for k in args.budgets.split(","))  # allocation_curve returns its points ascending

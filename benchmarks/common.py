@@ -61,7 +61,7 @@ def build_base(shape: str, layers: int | None = None, device: str = "cpu", dtype
 
     torch.manual_seed(seed)
     if shape == "smollm2-135m":
-        from matryoshka_lora.models import load_model
+        from matryoshka_lora.core.models import load_model
 
         model = load_model("smollm2-135m")[0]
         if layers is not None:

@@ -26,10 +26,10 @@ from .common import benchmark_main, build_base, interleave, log, share_copy, sum
 def run(shape: str = "smollm2-135m", r: int = 32, ks=(8, 32), batch: int = 2, seq: int = 64, rounds: int = 5,
         warmup: int = 1, layers: int | None = None, device: str = "cpu") -> dict:
     """Time base / unmerged / merged / merged_unloaded forwards at each k; ratios against base."""
-    from matryoshka_lora.config import MatryoshkaConfig
-    from matryoshka_lora.merge import merge_rank
-    from matryoshka_lora.model import get_matryoshka_model, set_rank
-    from matryoshka_lora.peft_seam import factors, lora_layers
+    from matryoshka_lora.core.config import MatryoshkaConfig
+    from matryoshka_lora.core.model import get_matryoshka_model, set_rank
+    from matryoshka_lora.core.peft_seam import factors, lora_layers
+    from matryoshka_lora.deploy.merge import merge_rank
 
     base = build_base(shape, layers=layers, device=device).eval()
     torch.manual_seed(1)

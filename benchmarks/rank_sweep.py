@@ -21,9 +21,9 @@ from .common import benchmark_main, build_base, interleave, log, summarize
 
 
 def build_model(shape: str, r: int, ranks, layers: int | None = None, device: str = "cpu"):
-    from matryoshka_lora.config import MatryoshkaConfig
-    from matryoshka_lora.model import get_matryoshka_model
-    from matryoshka_lora.peft_seam import factors, lora_layers
+    from matryoshka_lora.core.config import MatryoshkaConfig
+    from matryoshka_lora.core.model import get_matryoshka_model
+    from matryoshka_lora.core.peft_seam import factors, lora_layers
 
     base = build_base(shape, layers=layers, device=device).eval()
     torch.manual_seed(1)
@@ -47,17 +47,17 @@ def run(shape: str = "smollm2-135m", r: int = 32, n_examples: int = 1, rounds: i
     Args:
         tokenizer: Needed for config-built shapes; the embedded model brings its own.
     """
+    from matryoshka_lora.core.model import set_rank, set_row_ranks
+    from matryoshka_lora.data.prompts import encode_for_training
+    from matryoshka_lora.data.synthetic import generate_arith
     from matryoshka_lora.evaluation.likelihood import right_pad
     from matryoshka_lora.evaluation.sweep import EvalConfig, evaluate_ranks
-    from matryoshka_lora.model import set_rank, set_row_ranks
-    from matryoshka_lora.prompts import encode_for_training
-    from matryoshka_lora.synthetic import generate_arith
 
     ranks = list(range(1, r + 1))
     log(f"rank sweep: {shape} R={r} |S|={len(ranks)}")
     model = build_model(shape, r, ranks, layers, device)
     if tokenizer is None:
-        from matryoshka_lora.models import load_model
+        from matryoshka_lora.core.models import load_model
 
         if shape != "smollm2-135m":
             raise ValueError(f"shape {shape!r} needs a tokenizer= (only smollm2-135m brings its own).")

@@ -43,11 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from matryoshka_lora.comparison import (SharedBase, mean_std, pick_learning_rate, run_dir,  # noqa: E402
-                                        split_options)
+from matryoshka_lora.comparison import SharedBase, mean_std, pick_learning_rate, run_dir, split_options  # noqa: E402
+from matryoshka_lora.core.files import atomic_write_text  # noqa: E402
+from matryoshka_lora.core.metrics import aurac, log_aurac  # noqa: E402
 from matryoshka_lora.experiment import load_yaml  # noqa: E402
-from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
-from matryoshka_lora.files import atomic_write_text  # noqa: E402
 
 
 def _write(path: Path, data) -> None:

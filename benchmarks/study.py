@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from matryoshka_lora import fold_p, load_matryoshka_model, svd_order  # noqa: E402
-from matryoshka_lora.comparison import mean_std  # noqa: E402
-from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
-from matryoshka_lora.metrics import aurac, log_aurac  # noqa: E402
-from matryoshka_lora.models import load_model  # noqa: E402
-from matryoshka_lora.report import new_plot, save_log2_plot  # noqa: E402
-from matryoshka_lora.files import atomic_write_text  # noqa: E402
 from matryoshka_lora.checkpoints import latest_checkpoint  # noqa: E402
+from matryoshka_lora.comparison import mean_std  # noqa: E402
+from matryoshka_lora.core.files import atomic_write_text  # noqa: E402
+from matryoshka_lora.core.metrics import aurac, log_aurac  # noqa: E402
+from matryoshka_lora.core.models import load_model  # noqa: E402
+from matryoshka_lora.evaluation.report import new_plot, save_log2_plot  # noqa: E402
+from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16, 32]
 # name -> adapter options, lr grid, compute per step (in LoRA steps), deployment rules.

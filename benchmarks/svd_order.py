@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from matryoshka_lora import load_matryoshka_model, svd_order  # noqa: E402
+from matryoshka_lora.core.models import load_model  # noqa: E402
+from matryoshka_lora.evaluation.report import markdown_table  # noqa: E402
 from matryoshka_lora.experiment import RunConfig, evaluate  # noqa: E402
-from matryoshka_lora.models import load_model  # noqa: E402
-from matryoshka_lora.report import markdown_table  # noqa: E402
 
 
 def main(argv=None) -> dict:

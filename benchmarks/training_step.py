@@ -17,8 +17,19 @@ from __future__ import annotations
 
 import torch
 
-from .common import (benchmark_main, build_base, interleave, log, memory_method, op_difference, profile_step,
-                     share_copy, state_tensors, storage_bytes, summarize)
+from .common import (
+    benchmark_main,
+    build_base,
+    interleave,
+    log,
+    memory_method,
+    op_difference,
+    profile_step,
+    share_copy,
+    state_tensors,
+    storage_bytes,
+    summarize,
+)
 
 VARIANTS = ("peft_lora", "lora", "dylora", "matryoshka", "base_only")
 REFERENCE = "peft_lora"
@@ -29,8 +40,8 @@ def build_variant(base: torch.nn.Module, variant: str, r: int):
     """(model, optimizer or None, per-step hook or None) for one variant over `base`'s shared weights."""
     from peft import LoraConfig, get_peft_model
 
-    from matryoshka_lora.config import MatryoshkaConfig
-    from matryoshka_lora.model import draw_rank, get_matryoshka_model
+    from matryoshka_lora.core.config import MatryoshkaConfig
+    from matryoshka_lora.core.model import draw_rank, get_matryoshka_model
 
     model = share_copy(base)
     before_step = None
@@ -58,8 +69,8 @@ def prime_vectors(model) -> None:
 
     The measured first step then shows the steady state: no vector is built inside it.
     """
-    from matryoshka_lora.model import get_controller
-    from matryoshka_lora.peft_seam import factors, lora_layers
+    from matryoshka_lora.core.model import get_controller
+    from matryoshka_lora.core.peft_seam import factors, lora_layers
 
     controller = get_controller(model)
     name, layer = next(iter(lora_layers(model)))

@@ -43,8 +43,8 @@ def main(argv=None) -> dict:
     from vllm.lora.request import LoRARequest
 
     from matryoshka_lora import export_rank
-    from matryoshka_lora.data import DataConfig, load_examples
-    from matryoshka_lora.prompts import build_prompt
+    from matryoshka_lora.data.loading import DataConfig, load_examples
+    from matryoshka_lora.data.prompts import build_prompt
 
     ranks = [int(k) for k in args.ranks.split(",")]
     work = Path(args.out).with_suffix("")

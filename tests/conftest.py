@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
-from matryoshka_lora.peft_seam import factors, lora_layers
+from matryoshka_lora.core.peft_seam import factors, lora_layers
 
 VOCAB = 128
 

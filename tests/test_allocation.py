@@ -4,16 +4,27 @@ import json
 
 import pytest
 import torch
+from conftest import BUILDERS, VOCAB, make_model, randomize_adapter
 from peft import PeftModel
 
-from matryoshka_lora import (MatryoshkaConfig, allocate_ranks, allocation_curve, export_rank, get_controller,
-                             get_matryoshka_model, parse_budget, rank_footprint, save_matryoshka, set_rank, svd_order)
-from matryoshka_lora.budget import Budget
-from matryoshka_lora.calibration import vector_gradients
+from matryoshka_lora import (
+    MatryoshkaConfig,
+    allocate_ranks,
+    allocation_curve,
+    export_rank,
+    get_controller,
+    get_matryoshka_model,
+    parse_budget,
+    rank_footprint,
+    save_matryoshka,
+    set_rank,
+    svd_order,
+)
 from matryoshka_lora.cli import main
+from matryoshka_lora.core.peft_seam import factors, lora_layers
+from matryoshka_lora.deploy.budget import Budget
+from matryoshka_lora.deploy.calibration import vector_gradients
 from matryoshka_lora.evaluation.likelihood import completion_loss
-from matryoshka_lora.peft_seam import factors, lora_layers
-from conftest import BUILDERS, VOCAB, make_model, randomize_adapter
 
 RANKS = [1, 2, 4, 8]
 SIGNAL = "model.layers.1.self_attn.o_proj"  # the one layer whose adapter carries the task
@@ -228,7 +239,7 @@ def test_cli_allocate_writes_patterns_exports_and_sweep(tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_all_210_modules_within_budget(tmp_path):
     from matryoshka_lora import DataConfig, encode_examples, load_examples
-    from matryoshka_lora.models import load_model
+    from matryoshka_lora.core.models import load_model
 
     base, tok = load_model("smollm2-135m")
     model = randomize_adapter(get_matryoshka_model(base, MatryoshkaConfig(r=32)), std=0.02).eval()

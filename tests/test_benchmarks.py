@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_tokenizer import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,12 +109,12 @@ def test_gpu_script_runs_its_python_on_cpu(tmp_path):
 
 def test_allocation_benchmark_energy_rule_is_peft_convert_to_lora_within_the_budget():
     """The PEFT energy-fraction baseline of benchmarks/allocation.py --rules is PEFT's own rule, cut to the budget."""
+    from conftest import make_model
     from peft.tuners.lora.conversion import convert_to_lora
 
     from benchmarks import allocation
-    from conftest import make_model
     from matryoshka_lora import svd_order
-    from matryoshka_lora.spectrum import layer_spectra
+    from matryoshka_lora.deploy.spectrum import layer_spectra
 
     model = make_model("llama", r=8, ranks=[1, 2, 4, 8], method="lora")
     svd_order(model)

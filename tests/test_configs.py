@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from matryoshka_lora.comparison import split_options
 from matryoshka_lora.experiment import RunConfig, load_yaml
-from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -4,12 +4,12 @@ import logging
 import re
 
 import pytest
-
-from matryoshka_lora.data import DataConfig, carve_validation, fewshot_examples, load_examples, platypus_prompt
-from matryoshka_lora.examples import Example
-from matryoshka_lora.evaluation import extract_strict
-from matryoshka_lora.synthetic import WORDOPS, generate_arith, generate_wordops, split_of
 from gsm8k_path import gsm8k_dir
+
+from matryoshka_lora.data.examples import Example
+from matryoshka_lora.data.loading import DataConfig, carve_validation, fewshot_examples, load_examples, platypus_prompt
+from matryoshka_lora.data.synthetic import WORDOPS, generate_arith, generate_wordops, split_of
+from matryoshka_lora.evaluation import extract_strict
 
 SPLITS = ("train", "validation", "test")
 CALC = re.compile(r"<<([0-9+\-*]+)=(-?[0-9]+)>>\2")
@@ -253,7 +253,7 @@ def test_skip_invalid_counts_and_logs(tmp_path, caplog):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="d.jsonl:2"):
         load_examples(DataConfig(dataset=str(path)), "test")
-    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.rows"):
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.data.rows"):
         got = load_examples(DataConfig(dataset=str(path), skip_invalid=True), "test")
     assert [e.prompt for e in got] == ["a", "d"] and got.skipped == 2
     assert "Skipped 2 invalid row(s)" in caplog.text and "d.jsonl:3" in caplog.text

@@ -12,8 +12,8 @@ import pytest
 from safetensors.torch import load_file
 
 from matryoshka_lora import MatryoshkaConfig
+from matryoshka_lora.core.model import get_controller
 from matryoshka_lora.experiment import RunConfig, train
-from matryoshka_lora.model import get_controller
 from matryoshka_lora.training import MatryoshkaTrainer
 
 RANKS = [1, 2, 4]

@@ -67,9 +67,10 @@ def test_bad_option_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
 
 
 def test_eval_harness_from_cli(tiny_model_dir, tmp_path, capsys):
-    from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, save_matryoshka
-    from matryoshka_lora.models import load_model
     from conftest import randomize_adapter
+
+    from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, save_matryoshka
+    from matryoshka_lora.core.models import load_model
 
     base, _ = load_model(str(tiny_model_dir))
     save_matryoshka(randomize_adapter(get_matryoshka_model(base, MatryoshkaConfig(r=4))), tmp_path / "ad")

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
+from conftest import BUILDERS, make_model
 from peft import PeftModel
 from safetensors.torch import load_file
 
 from matryoshka_lora import export_rank, merge_rank, rank_footprint, save_matryoshka, set_rank, unmerge
-from matryoshka_lora import export as export_mod
 from matryoshka_lora.cli import main as cli_main
-from conftest import BUILDERS, make_model
+from matryoshka_lora.deploy import export as export_mod
 
 RANKS = [1, 2, 4, 8]
 
@@ -112,7 +112,7 @@ def test_portable_per_layer_export_has_no_patterns_and_same_logits(arch, scaling
         kept = {name for name, k in controller.mode.items() if k > 0}
     plain = plain_peft(arch, out)
     torch.testing.assert_close(plain(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
-    from matryoshka_lora.peft_seam import lora_layers
+    from matryoshka_lora.core.peft_seam import lora_layers
     assert {name for name, _ in lora_layers(plain)} == kept  # the rank-0 layer is still left out
 
 
@@ -129,7 +129,7 @@ def test_mixed_rank_pattern_round_trips_through_plain_peft(arch, tmp_path, input
         per_layer = controller.mode
     torch.testing.assert_close(plain(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
     # the rank-0 layer is not in the plain adapter; every other layer has its own rank
-    from matryoshka_lora.peft_seam import lora_layers
+    from matryoshka_lora.core.peft_seam import lora_layers
     loaded = {name: layer.r["default"] for name, layer in lora_layers(plain)}
     assert loaded == {name: k for name, k in per_layer.items() if k > 0}
     assert 0 in per_layer.values() and len(set(loaded.values())) > 1
@@ -153,9 +153,10 @@ assert "matryoshka_lora" not in sys.modules, "the plain load imported matryoshka
 
 def test_plain_peft_in_fresh_process_without_matryoshka(tmp_path, input_ids):
     BUILDERS["llama"](0).save_pretrained(tmp_path / "base")
-    from transformers import AutoModelForCausalLM
-    from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
     from conftest import randomize_adapter
+    from transformers import AutoModelForCausalLM
+
+    from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
 
     model = randomize_adapter(get_matryoshka_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                                    MatryoshkaConfig(r=8, scaling="sqrt"))).eval()
@@ -316,7 +317,7 @@ def test_folded_adapter_exports_and_reloads(tmp_path, input_ids):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fold_adapter_on_disk_equals_fold_p_and_export_merge_honour_it(arch, tmp_path, input_ids, capsys):
     from matryoshka_lora import fold_adapter, fold_p, load_matryoshka_model
-    from matryoshka_lora.merge import merge_to_dir
+    from matryoshka_lora.deploy.merge import merge_to_dir
 
     model = make_model(arch, r=8, scaling="sqrt", alpha=2.0)
     save_matryoshka(model, tmp_path / "nested")

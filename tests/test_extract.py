@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from gsm8k_path import gsm8k_dir
 
 from matryoshka_lora.evaluation import extract_flexible, extract_strict, is_correct, normalize
-from gsm8k_path import gsm8k_dir
 
 # (text, strict, flexible)
 EXTRACT_CASES = [

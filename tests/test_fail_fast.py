@@ -12,19 +12,19 @@ import time
 
 import pytest
 import transformers
+from conftest import make_model
 
 from matryoshka_lora import save_matryoshka
 from matryoshka_lora.cli import main
-from conftest import make_model
 
 
 @pytest.fixture(scope="module", autouse=True)
 def commands_imported():
     """The commands' modules, imported once (the CLI imports them on first use): the timings are
     of the checks, not of importing transformers into a fresh interpreter."""
+    import matryoshka_lora.deploy.merge  # noqa: F401
     import matryoshka_lora.evaluation.harness  # noqa: F401
     import matryoshka_lora.experiment  # noqa: F401
-    import matryoshka_lora.merge  # noqa: F401
 
 
 @pytest.fixture

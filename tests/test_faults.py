@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from matryoshka_lora import load_matryoshka_model
-from matryoshka_lora.cli import main
-from matryoshka_lora.experiment import RunConfig, train
-from matryoshka_lora.models import load_model
-from matryoshka_lora.files import DiskFullError, atomic_write_text
-from matryoshka_lora.saving import save_matryoshka
 from matryoshka_lora.checkpoints import STAGING, check_trainer_api, latest_checkpoint
+from matryoshka_lora.cli import main
+from matryoshka_lora.core.files import DiskFullError, atomic_write_text
+from matryoshka_lora.core.models import load_model
+from matryoshka_lora.core.saving import save_matryoshka
+from matryoshka_lora.experiment import RunConfig, train
 from matryoshka_lora.training import MatryoshkaCallback, NonFiniteLoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -379,7 +379,7 @@ def test_trust_remote_code_is_off_unless_asked():
     import inspect
 
     from matryoshka_lora.cli import build_parser, run_config
-    from matryoshka_lora.models import load_model as load
+    from matryoshka_lora.core.models import load_model as load
 
     assert inspect.signature(load).parameters["trust_remote_code"].default is False
     assert run_config(build_parser().parse_args(["train"])).model.trust_remote_code is False

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from matryoshka_lora.data import DataConfig, load_examples
-from matryoshka_lora.examples import Example
+from matryoshka_lora.data.examples import Example
+from matryoshka_lora.data.loading import DataConfig, load_examples
 from matryoshka_lora.evaluation.extract import exact_match, extract_answer
 from matryoshka_lora.evaluation.generation import GenerationScorer
 from matryoshka_lora.evaluation.sweep import EvalConfig
@@ -91,8 +91,8 @@ def test_free_form_task_is_scored_at_every_rank(tiny_model_dir, tmp_path):
     lm_head is adapted too: the random tiny model's final norm and small lm_head cap its logits,
     so the other layers alone cannot bring the loss down. Plain LoRA, so rank R is the trained model.
     """
+    from matryoshka_lora.core.models import load_model
     from matryoshka_lora.experiment import RunConfig, evaluate, train
-    from matryoshka_lora.models import load_model
 
     rows = [{"prompt": p, "completion": c} for p, c in [
         ("Question: Tom has 3 apples.\nAnswer:", " abcdef"), ("How many?\nAnswer:", " Tom"),

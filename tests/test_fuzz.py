@@ -23,18 +23,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_model, tiny_llama
 from hypothesis import event, given
 from hypothesis import strategies as st
 from peft import PeftModel
 from safetensors.torch import load_file
 
 from matryoshka_lora import export_rank, fold_adapter, load_matryoshka_model, recommend_rank, save_matryoshka, set_rank
-from matryoshka_lora.config import CONFIG_NAME
-from matryoshka_lora.data import DataConfig, load_examples
-from matryoshka_lora.examples import Example
+from matryoshka_lora.core.config import CONFIG_NAME
+from matryoshka_lora.core.saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
+from matryoshka_lora.data.examples import Example
+from matryoshka_lora.data.loading import DataConfig, load_examples
 from matryoshka_lora.experiment import RunConfig, flat_fields, load_run_config
-from matryoshka_lora.saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
-from conftest import make_model, tiny_llama
 
 CLEAN = (ValueError, FileNotFoundError)
 

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 from safetensors.torch import load_file
 
 from matryoshka_lora import export_rank, save_matryoshka, set_rank
 from matryoshka_lora.cli import main as cli_main
-from matryoshka_lora.gguf_export import export_gguf, permute_rows
-from conftest import make_model
+from matryoshka_lora.deploy.gguf_export import export_gguf, permute_rows
 
 gguf = pytest.importorskip("gguf")
 
@@ -47,7 +47,7 @@ def test_gguf_adapter_has_llama_cpp_names_alpha_and_the_same_product(tiny_model_
     # llama.cpp's product alpha / r * B A equals the nested model's rank-k delta (q_proj, layer 0)
     r = tensors["blk.0.attn_q.weight.lora_a"].shape[0]
     delta = fields["adapter.lora.alpha"] / r * tensors["blk.0.attn_q.weight.lora_b"] @ tensors["blk.0.attn_q.weight.lora_a"]
-    from matryoshka_lora.peft_seam import factors, lora_layers
+    from matryoshka_lora.core.peft_seam import factors, lora_layers
     layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
     A, B = factors(layer)
     with set_rank(model, rank, default=2) as controller:
@@ -80,9 +80,9 @@ def greedy_agreement(adapter_dir, ranks, tmp_path, n=50, max_new_tokens=24):
     and transformers (dequantized base + nested adapter at rank k) give the same greedy completion."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from matryoshka_lora import load_matryoshka_model
-    from matryoshka_lora.data import DataConfig, load_examples
-    from matryoshka_lora.models import load_model, resolve
-    from matryoshka_lora.prompts import build_prompt
+    from matryoshka_lora.core.models import load_model, resolve
+    from matryoshka_lora.data.loading import DataConfig, load_examples
+    from matryoshka_lora.data.prompts import build_prompt
 
     base, tok = load_model("smollm2-135m")
     model = load_matryoshka_model(base, adapter_dir).eval()

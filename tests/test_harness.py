@@ -19,9 +19,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from matryoshka_lora import MatryoshkaConfig, aurac, get_matryoshka_model, log_aurac, set_rank
 from matryoshka_lora.evaluation import harness_tasks
-from matryoshka_lora.evaluation.harness import HarnessConfig, flatten_scores, harness_eval, harness_sweep, resolve_metric
+from matryoshka_lora.evaluation.harness import (
+    HarnessConfig,
+    flatten_scores,
+    harness_eval,
+    harness_sweep,
+    resolve_metric,
+)
 from matryoshka_lora.evaluation.harness_tasks import INSTALL_HINT, TASKS_DIR, HarnessNotInstalled, write_local_tasks
-from matryoshka_lora.report import write_results
+from matryoshka_lora.evaluation.report import write_results
 
 GSM8K_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k"
 if not GSM8K_DIR.is_dir():

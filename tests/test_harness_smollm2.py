@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from matryoshka_lora import MatryoshkaConfig, aurac, get_matryoshka_model, save_matryoshka
+from matryoshka_lora.core.peft_seam import factors, lora_layers
 from matryoshka_lora.evaluation.harness import HarnessConfig, harness_eval
 from matryoshka_lora.evaluation.harness_tasks import write_local_tasks
-from matryoshka_lora.peft_seam import factors, lora_layers
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K_DIR = Path("/work/shared/data/gsm8k")

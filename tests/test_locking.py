@@ -16,13 +16,13 @@ import sys
 import time
 
 import pytest
+from conftest import make_model
+from test_faults import ROOT, VICTIM, args, start_until
 
 from matryoshka_lora import save_matryoshka
 from matryoshka_lora.cli import main
-from matryoshka_lora.files import atomic_write_text, remove_stale_temporaries
-from matryoshka_lora.locking import OutputLocked, lock_file, output_lock
-from conftest import make_model
-from test_faults import ROOT, VICTIM, args, start_until
+from matryoshka_lora.core.files import atomic_write_text, remove_stale_temporaries
+from matryoshka_lora.core.locking import OutputLocked, lock_file, output_lock
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
        "OMP_NUM_THREADS": "1"}
@@ -30,7 +30,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.enviro
 # Holds the locks of the given directories (as `mlora <command>` would) until it is killed.
 HOLDER = """
 import contextlib, sys, time
-from matryoshka_lora.locking import output_lock
+from matryoshka_lora.core.locking import output_lock
 marker, command, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
 with contextlib.ExitStack() as stack:
     for d in dirs:
@@ -65,7 +65,7 @@ def test_second_train_is_refused_and_a_killed_holders_lock_is_taken_over(tiny_mo
     assert json.loads(lock_file(out).read_text())["pid"] == holder.pid  # SIGKILL left the file behind
     assert not (out / "adapter").exists()
 
-    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.locking"):
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.core.locking"):
         assert main(["train", *args(tiny_model_dir, out, save_steps=0, max_steps=2)]) == 0
     assert f"left by `mlora train` (PID {holder.pid}" in caplog.text and "no longer running" in caplog.text
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -169,7 +169,7 @@ def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path, c
     assert len(left) == 1 and re.fullmatch(rf"\.adapter\.\w+-{proc.pid}-\w+\.tmp", left[0]), left
     assert (tmp_path / left[0] / "adapter_model.safetensors").is_file() and not target.exists()
 
-    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.files"):
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.core.files"):
         save_matryoshka(make_model("llama", r=4, ranks=[1, 2, 4]), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "saving"]
     assert f"left by killed writes of {target}: {left[0]}" in caplog.text

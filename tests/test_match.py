@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import VOCAB, make_model
 
 from matryoshka_lora import set_rank
 from matryoshka_lora.evaluation.match import completion_match
 from matryoshka_lora.evaluation.sweep import EvalConfig, evaluate_ranks
-from conftest import VOCAB, make_model
 
 RANKS = [0, 1, 2, 4, 8]
 
@@ -48,7 +48,7 @@ def test_sweep_match_metric_is_the_headline_and_one_pass(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
-    from matryoshka_lora.examples import Example
+    from matryoshka_lora.data.examples import Example
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = get_matryoshka_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), MatryoshkaConfig(r=4))
     examples = [Example(prompt=f"Question: {a}+1?\nAnswer:", completion=f" {a + 1}\n#### {a + 1}", answer=str(a + 1))

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import BUILDERS, make_model
 from transformers import AutoModelForCausalLM
 
 from matryoshka_lora import merge_rank, merge_to_dir, save_matryoshka, set_rank, unmerge
 from matryoshka_lora.cli import main as cli_main
-from matryoshka_lora.peft_seam import base_weight, factors, is_merged, lora_layers
-from conftest import BUILDERS, make_model
+from matryoshka_lora.core.peft_seam import base_weight, factors, is_merged, lora_layers
 
 
 def base_weights(model):

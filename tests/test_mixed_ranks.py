@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import VOCAB, make_model
 
 from matryoshka_lora import set_rank, set_row_ranks
-from conftest import VOCAB, make_model
 
 ARCHS = ["llama", "gpt2"]
 ROW_RANKS = [1, 8, 0, 4]  # a cheap tier, a premium tier, the base model and a middle tier together

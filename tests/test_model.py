@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BUILDERS, make_model, randomize_adapter
 from peft import LoraConfig, get_peft_model
 
 from matryoshka_lora import MatryoshkaConfig, draw_rank, get_matryoshka_model, rank_scale, set_rank, set_row_ranks
-from matryoshka_lora.peft_seam import factors, lora_layers
-from conftest import BUILDERS, make_model, randomize_adapter
+from matryoshka_lora.core.peft_seam import factors, lora_layers
 
 ARCHS = ["llama", "gpt2"]
 
@@ -210,7 +210,7 @@ def test_one_optimizer_step_changes_only_adapter(arch, input_ids):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fold_p_runs_prefix_of_trained_product(arch, input_ids):
     from matryoshka_lora import fold_p
-    from matryoshka_lora.weighting import rank_weights
+    from matryoshka_lora.core.weighting import rank_weights
 
     model = make_model(arch, r=8, ranks=[1, 2, 4, 8], scaling="sqrt")
     train_logits = model(input_ids=input_ids).logits

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import BUILDERS, randomize_adapter
 from transformers import TrainingArguments
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, set_rank
 from matryoshka_lora.training import MatryoshkaTrainer
-from conftest import BUILDERS, randomize_adapter
 
 
 def build(method, ranks, r=8):

@@ -3,14 +3,21 @@ import logging
 
 import pytest
 import torch
+from tiny_tokenizer import tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from matryoshka_lora import prompts
-from matryoshka_lora.data import DataConfig, load_examples
-from matryoshka_lora.examples import Example
-from matryoshka_lora.prompts import (ExampleTooLongError, build_prompt, encode_examples, encode_for_training,
-                                     encode_prompt, make_collator, stop_strings)
-from tiny_tokenizer import tiny_tokenizer
+from matryoshka_lora.data import prompts
+from matryoshka_lora.data.examples import Example
+from matryoshka_lora.data.loading import DataConfig, load_examples
+from matryoshka_lora.data.prompts import (
+    ExampleTooLongError,
+    build_prompt,
+    encode_examples,
+    encode_for_training,
+    encode_prompt,
+    make_collator,
+    stop_strings,
+)
 
 Q1 = Example("Question: Tom has 3 apples. He gets 4 more apples. How many apples does Tom have now?\nAnswer:",
              " Tom has 3 + 4 = <<3+4=7>>7 apples now.\n#### 7", "7")
@@ -45,7 +52,7 @@ def test_chat_prompt_is_multiturn(tok):
 def test_no_chat_template_falls_back_with_one_warning(caplog):
     plain = tiny_tokenizer(chat_template=None)
     plain.name_or_path = "tiny-no-template"
-    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.prompts"):
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.data.prompts"):
         a = build_prompt(plain, Q3, [Q1])
         b = encode_for_training(plain, Q1)
     assert a == build_prompt(plain, Q3, [Q1], chat_template=False)
@@ -83,7 +90,7 @@ def test_too_long_raises_with_index_or_drops(tok, caplog):
     n1 = len(encode_for_training(tok, Q1, chat_template=False)["input_ids"])
     with pytest.raises(ExampleTooLongError, match=f"Example 1 has {n1} tokens .* > max_length={n1 - 1}.*truncation=True.*drop_long=True"):
         encode_examples(tok, examples, chat_template=False, max_length=n1 - 1)
-    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.prompts"):
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.data.prompts"):
         kept = encode_examples(tok, examples, chat_template=False, max_length=n1 - 1, drop_long=True)
     assert len(kept) == 2 and kept.dropped == 1 and "Dropped 1 of 3" in caplog.text
     assert encode_examples(tok, examples, chat_template=False, max_length=n1).dropped == 0
@@ -105,7 +112,7 @@ def test_truncation_keeps_the_first_max_length_tokens(tok, caplog):
     with pytest.raises(ExampleTooLongError, match=f"{n_prompt}-token prompt >= max_length={n_prompt}"):
         encode_for_training(tok, Q1, chat_template=False, max_length=n_prompt, truncate=True)
     # token counts (prompt + completion): Q1 24 + 21, Q2 40 + 19, Q3 19 + 23
-    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.prompts"):
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.data.prompts"):
         kept = encode_examples(tok, [Q3, Q1, Q2], chat_template=False, max_length=42, truncate=True, drop_long=True)
     assert len(kept) == 3 and kept.dropped == 0 and kept.truncated == 2 and "Truncated 2 of 3" in caplog.text
     assert [len(e["input_ids"]) for e in kept] == [42, 42, 42]  # Q3 whole; Q1 and Q2 cut (Q2 keeps 2 answer tokens)

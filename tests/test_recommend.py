@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import make_model
 
 from matryoshka_lora import export_rank, recommend_rank, save_matryoshka
 from matryoshka_lora.cli import main as cli_main
-from conftest import make_model
 
 # best is 38.2 at rank 8; within 1.0 point: ranks 4 (37.5), 8; within 3: also 2 (35.5)
 PER_RANK = {"1": 30.0, "2": 35.5, "4": 37.5, "8": 38.2}

@@ -6,9 +6,9 @@ import math
 import statistics
 
 import pytest
+from conftest import load_script
 
 from matryoshka_lora import aurac
-from conftest import load_script
 
 
 @pytest.fixture(scope="module")

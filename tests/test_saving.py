@@ -4,10 +4,10 @@ import sys
 
 import pytest
 import torch
+from conftest import BUILDERS, make_model
 from safetensors.torch import load_file
 
 from matryoshka_lora import load_matryoshka_model, save_matryoshka, set_rank
-from conftest import BUILDERS, make_model
 
 
 def logits_at_ranks(model, ids, ranks):
@@ -192,7 +192,7 @@ def test_save_replaces_a_directory_whole(tmp_path):
 
 
 def test_embedded_model_recorded_by_hub_id(tmp_path):
-    from matryoshka_lora.models import cache_root, portable_name
+    from matryoshka_lora.core.models import cache_root, portable_name
 
     hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert portable_name("smollm2-135m") == hub
@@ -210,7 +210,8 @@ def test_embedded_model_recorded_by_hub_id(tmp_path):
 def test_adapter_saved_before_a_config_field_existed_still_loads(tmp_path):
     """A record without a newer field (e.g. init, dylora_draw) means that field's default, not an edit."""
     from safetensors.torch import save_file
-    from matryoshka_lora.saving import CONFIG_RECORD
+
+    from matryoshka_lora.core.saving import CONFIG_RECORD
     model = make_model("llama")
     save_matryoshka(model, tmp_path / "ad")
     path = tmp_path / "ad" / "adapter_model.safetensors"

@@ -6,10 +6,10 @@ import torch
 pytest.importorskip("trl")
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model  # noqa: E402
-from matryoshka_lora.data import DataConfig, load_examples  # noqa: E402
-from matryoshka_lora.models import load_model  # noqa: E402
-from matryoshka_lora.peft_seam import adapter_state_dict  # noqa: E402
-from matryoshka_lora.prompts import encode_examples, make_collator  # noqa: E402
+from matryoshka_lora.core.models import load_model  # noqa: E402
+from matryoshka_lora.core.peft_seam import adapter_state_dict  # noqa: E402
+from matryoshka_lora.data.loading import DataConfig, load_examples  # noqa: E402
+from matryoshka_lora.data.prompts import encode_examples, make_collator  # noqa: E402
 from matryoshka_lora.training import TrainConfig, train_adapter  # noqa: E402
 
 

@@ -5,15 +5,23 @@ import math
 
 import pytest
 import torch
+from conftest import BUILDERS, make_model, randomize_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
-from matryoshka_lora import allocate_ranks, export_rank, load_matryoshka_model, save_matryoshka, set_rank, svd_adapter, svd_order
-from matryoshka_lora.allocation import allocation_curve
+from matryoshka_lora import (
+    allocate_ranks,
+    export_rank,
+    load_matryoshka_model,
+    save_matryoshka,
+    set_rank,
+    svd_adapter,
+    svd_order,
+)
 from matryoshka_lora.cli import main
-from matryoshka_lora.peft_seam import factors, lora_layers
-from matryoshka_lora.spectrum import layer_spectra
-from conftest import BUILDERS, make_model, randomize_adapter
+from matryoshka_lora.core.peft_seam import factors, lora_layers
+from matryoshka_lora.deploy.allocation import allocation_curve
+from matryoshka_lora.deploy.spectrum import layer_spectra
 
 CHEAP = "model.layers.0.self_attn.q_proj"  # m + n = 64 + 64 = 128
 DEAR = "model.layers.1.mlp.down_proj"  # m + n = 128 + 64 = 192

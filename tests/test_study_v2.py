@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from matryoshka_lora.metrics import aurac, log_aurac
+from matryoshka_lora.core.metrics import aurac, log_aurac
 
 ROOT = Path(__file__).resolve().parents[1]
 

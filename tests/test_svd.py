@@ -4,14 +4,21 @@ import json
 
 import pytest
 import torch
+from conftest import BUILDERS, make_model, randomize_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from matryoshka_lora import (export_rank, fold_p, load_matryoshka_model, save_matryoshka, set_rank, svd_adapter,
-                             svd_order)
+from matryoshka_lora import (
+    export_rank,
+    fold_p,
+    load_matryoshka_model,
+    save_matryoshka,
+    set_rank,
+    svd_adapter,
+    svd_order,
+)
 from matryoshka_lora.cli import main as cli_main
-from matryoshka_lora.peft_seam import factors, lora_layers
-from matryoshka_lora.svd import deployed_weights, svd_factors
-from conftest import BUILDERS, make_model, randomize_adapter
+from matryoshka_lora.core.peft_seam import factors, lora_layers
+from matryoshka_lora.deploy.svd import deployed_weights, svd_factors
 
 METHODS = [dict(method="lora"), dict(method="matryoshka"), dict(method="matryoshka", scaling="sqrt", alpha=2.0),
            dict(method="dylora"), dict(method="multirank", scaling="rank"), dict(method="custom", weights={1: 2.0, 8: 0.5})]
@@ -148,7 +155,7 @@ def test_plain_peft_adapter_elsewhere_names_mlora_svd(tmp_path):
 
 @pytest.mark.parametrize("method,order", [("lora", "svd"), ("matryoshka", "fold"), ("dylora", "svd")])
 def test_train_deploy_order_saves_ordered_adapter_same_full_rank(tiny_model_dir, tmp_path, input_ids, method, order):
-    from matryoshka_lora.models import load_model
+    from matryoshka_lora.core.models import load_model
 
     def train(out, deploy):
         argv = ["train", "--model", str(tiny_model_dir), "--dataset", "arith", "--num-train", "8", "--max-steps", "2",

@@ -24,9 +24,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import CONFIG_NAME, MatryoshkaConfig
-from .files import explain_disk_full, replace_directory
-from .saving import check_adapter_dir, config_differences
+from .core.config import CONFIG_NAME, MatryoshkaConfig
+from .core.files import explain_disk_full, replace_directory
+from .core.saving import check_adapter_dir, config_differences
 
 log = logging.getLogger(__name__)
 

@@ -116,7 +116,7 @@ def _train(args):
 
 def _harness(args):
     from .evaluation.harness import HarnessConfig, harness_eval
-    from .report import load_results, markdown_table
+    from .evaluation.report import load_results, markdown_table
 
     run = run_config(args)  # model/dtype/ranks/shots come from the shared run options
     given = vars(args)
@@ -133,8 +133,8 @@ def _harness(args):
 
 
 def _eval(args):
+    from .evaluation.report import markdown_table
     from .experiment import evaluate
-    from .report import markdown_table
 
     if args.harness:
         return _harness(args)
@@ -157,7 +157,7 @@ def _parse_lrs(items: list[str] | None) -> dict[str, list[float]]:
 
 def _compare(args):
     from .comparison import compare, split_options
-    from .report import markdown_table
+    from .evaluation.report import markdown_table
 
     run, config = split_options(_options(args))
     results = compare(run, config, args.out)
@@ -209,11 +209,11 @@ def _demo_options(p):
 
 
 def _export(args):
-    from .export import export_rank, serving_notes
-    from .ranks import parse_rank_spec
+    from .core.ranks import parse_rank_spec
+    from .deploy.export import export_rank, serving_notes
 
     if args.format == "gguf":
-        from .gguf_export import export_gguf
+        from .deploy.gguf_export import export_gguf
 
         print("wrote", export_gguf(args.adapter, args.rank, args.out, base_model=args.base_model,
                                    default=args.default_rank, overwrite=args.overwrite,
@@ -231,14 +231,14 @@ def _export(args):
 
 
 def _merge(args):
-    from .merge import merge_to_dir
+    from .deploy.merge import merge_to_dir
 
     print("wrote", merge_to_dir(args.model, args.adapter, args.rank, args.out, default=args.default_rank,
                                 overwrite=args.overwrite, allow_untrained=args.allow_untrained))
 
 
 def _fold(args):
-    from .saving import fold_adapter
+    from .core.saving import fold_adapter
 
     print("wrote", fold_adapter(args.adapter, args.out, overwrite=args.overwrite))
 
@@ -250,7 +250,7 @@ def _fold_args(p):
 
 
 def _svd(args):
-    from .svd import svd_adapter
+    from .deploy.svd import svd_adapter
 
     out, notes = svd_adapter(args.src, args.out, overwrite=args.overwrite)
     for note in notes:
@@ -266,13 +266,13 @@ def _svd_args(p):
 
 
 def _recommend(args):
-    from .recommend import recommend_rank
+    from .deploy.recommend import recommend_rank
 
     print(recommend_rank(args.results, args.tolerance, method=args.method, metric=args.metric, adapter=args.adapter))
 
 
 def _allocate(args):
-    from .allocation_result import curve_table
+    from .deploy.allocation_result import curve_table
     from .experiment import allocate
 
     curve, paths = allocate(run_config(args), args.adapter, args.budget, by=args.by, sweep=args.sweep, out_dir=args.out,

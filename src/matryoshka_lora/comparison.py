@@ -28,13 +28,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiment import RunConfig, check_inputs, evaluate, flat_fields, load_model_for, train
-from .locking import locks_output
-from .report import higher_is_better, write_results
-from .files import atomic_write_text
-from .saving import load_matryoshka_model
 from .checkpoints import latest_checkpoint
-from .weighting import METHODS
+from .core.files import atomic_write_text
+from .core.locking import locks_output
+from .core.saving import load_matryoshka_model
+from .core.weighting import METHODS
+from .evaluation.report import higher_is_better, write_results
+from .experiment import RunConfig, check_inputs, evaluate, flat_fields, load_model_for, train
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from .comparison import CompareConfig, compare
+from .evaluation.report import markdown_table
 from .experiment import RunConfig
-from .report import markdown_table
 
 DEMO = dict(
     model="smollm2-135m", dataset="arith", arith_max_digits=2, r=32, ranks=[1, 2, 4, 8, 16, 32], chat_template=False,

@@ -17,16 +17,16 @@ from pathlib import Path
 import yaml
 
 from .checkpoints import resume_point
-from .config import MatryoshkaConfig
-from .data import DataConfig, fewshot_examples, load_examples
+from .core.config import MatryoshkaConfig
+from .core.files import atomic_write_text
+from .core.locking import locks_output
+from .core.model import get_controller
+from .core.models import DTYPES, check_model, load_model
+from .core.saving import check_adapter_dir, load_matryoshka_model
+from .data.loading import DataConfig, fewshot_examples, load_examples
+from .data.prompts import encode_examples, make_collator
+from .evaluation.report import method_summary, write_results
 from .evaluation.sweep import EvalConfig, evaluate_ranks
-from .locking import locks_output
-from .model import get_controller
-from .models import DTYPES, check_model, load_model
-from .prompts import encode_examples, make_collator
-from .report import method_summary, write_results
-from .files import atomic_write_text
-from .saving import check_adapter_dir, load_matryoshka_model
 from .training import TrainConfig, train_adapter
 
 
@@ -314,10 +314,10 @@ def allocate(run: RunConfig, adapter_dir: str | Path, budgets=None, *, by: str =
     Returns:
         (`allocation.AllocationCurve`, {name: written path}).
     """
-    from .allocation import RULES, allocation_curve
-    from .export import export_rank
-    from .spectrum import adapter_is_svd_ordered
-    from .svd import svd_adapter
+    from .deploy.allocation import RULES, allocation_curve
+    from .deploy.export import export_rank
+    from .deploy.spectrum import adapter_is_svd_ordered
+    from .deploy.svd import svd_adapter
 
     if by not in RULES:
         raise ValueError(f"Unknown allocation rule by={by!r}. Available: {', '.join(RULES)}.")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 
-from .model import get_controller
+from .core.model import get_controller
 from .training import MatryoshkaCallback, MultirankLoss
 
 

@@ -33,13 +33,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from . import peft_seam
 from .checkpoints import STAGING, STATE_NAME, AtomicCheckpoints, last_good_note, resume_point
-from .config import MatryoshkaConfig
-from .files import atomic_write_text
-from .model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_row_ranks
-from .saving import save_matryoshka
-from .svd import svd_order
+from .core import peft_seam
+from .core.config import MatryoshkaConfig
+from .core.files import atomic_write_text
+from .core.model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_row_ranks
+from .core.saving import save_matryoshka
+from .deploy.svd import svd_order
 
 log = logging.getLogger(__name__)
 

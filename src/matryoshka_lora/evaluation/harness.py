@@ -35,12 +35,12 @@ from typing import Any
 
 import torch
 
-from ..gsm8k import DEFAULT_GSM8K_DIR, GSM8K_ENV
-from ..locking import locks_output
-from ..model import get_controller, set_rank
-from ..ranks import check_sweep_ranks
-from ..report import method_summary, write_results
+from ..core.locking import locks_output
+from ..core.model import get_controller, set_rank
+from ..core.ranks import check_sweep_ranks
+from ..data.gsm8k import DEFAULT_GSM8K_DIR, GSM8K_ENV
 from .harness_tasks import build_task_manager, check_local_data, import_lm_eval, resolve_gsm8k_dir, write_local_tasks
+from .report import method_summary, write_results
 
 # Headline metric when the user names none. GSM8K: the paper's strict exact match. ARC and
 # HellaSwag at 25/10 shots are the Open LLM Leaderboard settings, which report acc_norm.
@@ -342,8 +342,8 @@ def harness_eval(config: HarnessConfig) -> dict[str, Path]:
     Returns:
         The written paths: {"json", "table", "plot"} (and "samples" with log_samples).
     """
-    from ..models import check_model, load_model
-    from ..saving import check_adapter_dir, load_matryoshka_model
+    from ..core.models import check_model, load_model
+    from ..core.saving import check_adapter_dir, load_matryoshka_model
 
     import_lm_eval()  # fail before the (slow) model load
     check_local_data(config.tasks, config.gsm8k_dir)

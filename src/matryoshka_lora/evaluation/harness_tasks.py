@@ -16,7 +16,7 @@ import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..gsm8k import DEFAULT_GSM8K_DIR, find_gsm8k, gsm8k_missing
+from ..data.gsm8k import DEFAULT_GSM8K_DIR, find_gsm8k, gsm8k_missing
 
 INSTALL_HINT = "lm-eval is not installed: pip install 'matryoshka-lora[harness]'"
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"

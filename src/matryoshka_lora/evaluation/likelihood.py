@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..prompts import encode_prompt
+from ..data.prompts import encode_prompt
 
 
 def right_pad(rows: Sequence[list[int]], pad: int) -> torch.Tensor:

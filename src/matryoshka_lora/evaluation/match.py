@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..model import set_row_ranks
+from ..core.model import set_row_ranks
 from .likelihood import right_pad
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..model import get_controller, set_rank
-from ..ranks import check_sweep_ranks
-from ..prompts import build_prompt, encode_examples, encode_prompt, stop_strings
+from ..core.model import get_controller, set_rank
+from ..core.ranks import check_sweep_ranks
+from ..data.prompts import build_prompt, encode_examples, encode_prompt, stop_strings
 from .generation import GenerationScorer, compile_answer_regex, generate
 from .likelihood import completion_loss, multiple_choice
 from .match import completion_match

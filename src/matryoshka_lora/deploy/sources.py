@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import peft_seam
-from .config import MatryoshkaConfig
-from .model import get_controller
-from .saving import WEIGHTS_NAME, adapter_lora_config, check_adapter_dir
-from .weighting import prefix_factors
+from ..core import peft_seam
+from ..core.config import MatryoshkaConfig
+from ..core.model import get_controller
+from ..core.saving import WEIGHTS_NAME, adapter_lora_config, check_adapter_dir
+from ..core.weighting import prefix_factors
 
 # safetensors dtype names of torch dtypes
 TORCH_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from . import peft_seam
-from .config import CONFIG_NAME, MatryoshkaConfig
-from .model import get_controller
+from ..core import peft_seam
+from ..core.config import CONFIG_NAME, MatryoshkaConfig
+from ..core.model import get_controller
 from .svd import deployed_weights, read_lora, svd_factors
 
 

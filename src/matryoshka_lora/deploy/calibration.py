@@ -20,10 +20,10 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import peft_seam
-from .evaluation.likelihood import right_pad
-from .model import get_controller, set_rank
-from .weighting import prefix_weights
+from ..core import peft_seam
+from ..core.model import get_controller, set_rank
+from ..core.weighting import prefix_weights
+from ..evaluation.likelihood import right_pad
 
 
 def check_data(data: Sequence[Mapping], name: str) -> list[Mapping]:

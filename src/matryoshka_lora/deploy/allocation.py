@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import peft_seam
+from ..core import peft_seam
+from ..core.model import get_controller, set_rank
+from ..evaluation.likelihood import completion_loss
 from .allocation_result import Allocation, AllocationCurve
 from .budget import Budget, parse_budget, parse_budgets
 from .calibration import check_data, first_order_score
-from .evaluation.likelihood import completion_loss
 from .greedy import Greedy
-from .model import get_controller, set_rank
 from .spectrum import layer_spectra
 
 RULES = {"calibration": "first-order loss drop on calibration data",

@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_text, read_json
-from .metrics import aurac, log_aurac
+from ..core.files import atomic_write_text, read_json
+from ..core.metrics import aurac, log_aurac
 
 
 def method_summary(per_rank: dict[int, dict[str, float]], metric: str) -> dict[str, Any]:

@@ -32,15 +32,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import peft_seam
+from ..core import peft_seam
+from ..core.config import MatryoshkaConfig
+from ..core.files import atomic_directory, check_target
+from ..core.locking import locks_output
+from ..core.ranks import parse_rank_spec, rank_list, resolve_ranks
+from ..core.saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
+from ..core.weighting import rank_scale
 from .cards import CARD_NAME, adapter_card
-from .config import MatryoshkaConfig
-from .locking import locks_output
-from .ranks import parse_rank_spec, rank_list, resolve_ranks
-from .files import atomic_directory, check_target
-from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
 from .sources import AdapterSource, open_source
-from .weighting import rank_scale
 
 # safetensors dtype names, in the order its writer sorts tensors (descending), with element sizes.
 _DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import peft_seam
-from .config import CONFIG_NAME, MatryoshkaConfig
-from .locking import locks_output
-from .model import get_controller
-from .files import atomic_directory
-from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir, config_record
-from .weighting import default_ranks, prefix_weights, rank_weights
+from ..core import peft_seam
+from ..core.config import CONFIG_NAME, MatryoshkaConfig
+from ..core.files import atomic_directory
+from ..core.locking import locks_output
+from ..core.model import get_controller
+from ..core.saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir, config_record
+from ..core.weighting import default_ranks, prefix_weights, rank_weights
 
 
 def svd_factors(A: torch.Tensor, B: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import is_int
+from ..core.checks import is_int
 from .examples import Example, Examples
 from .gsm8k import GSM8K_ENV, GSM8K_HUB, find_gsm8k, gsm8k_example, gsm8k_missing
 from .rows import RowError, column_choices, column_text, parse_rows, read_file, read_hub

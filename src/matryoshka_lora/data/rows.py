@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .checks import is_int
+from ..core.checks import is_int
 from .examples import Example, Examples
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .config import MatryoshkaConfig
-from .report import accuracy_at, load_results, markdown_table, pick_method, plot
-from .saving import WEIGHTS_NAME
-from .weighting import rank_scale
+from ..core.config import MatryoshkaConfig
+from ..core.saving import WEIGHTS_NAME
+from ..core.weighting import rank_scale
+from ..evaluation.report import accuracy_at, load_results, markdown_table, pick_method, plot
 
 CARD_NAME = "README.md"
 

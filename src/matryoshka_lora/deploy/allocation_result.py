@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .files import atomic_write_text
+from ..core.files import atomic_write_text
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _loss_key(curve: AllocationCurve) -> str | None:
 
 def plot_curve(curve: AllocationCurve, path: str | Path) -> Path:
     """Loss against adapter size (log2 axis): allocated per-layer ranks vs uniform rank."""
-    from .report import new_plot, save_log2_plot
+    from ..evaluation.report import new_plot, save_log2_plot
 
     key = _loss_key(curve)
     if key is None:

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..evaluation.report import check_results, is_percent, load_results, pick_method, scores
 from .export import Footprint, rank_footprint
-from .report import check_results, is_percent, load_results, pick_method, scores
 
 
 @dataclass(frozen=True)

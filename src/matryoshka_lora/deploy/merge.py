@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from . import peft_seam
+from ..core import peft_seam
+from ..core.files import atomic_directory, check_target
+from ..core.locking import locks_output
+from ..core.model import get_controller
+from ..core.models import check_model, load_model, portable_name
+from ..core.ranks import parse_rank_spec, resolve_ranks
+from ..core.saving import load_matryoshka_model
+from ..core.weighting import prefix_factors
 from .cards import CARD_NAME, merged_card
-from .locking import locks_output
-from .model import get_controller
-from .models import check_model, load_model, portable_name
-from .ranks import parse_rank_spec, resolve_ranks
-from .files import atomic_directory, check_target
-from .saving import load_matryoshka_model
 from .sources import open_source
-from .weighting import prefix_factors
 
 _MERGED = "_mlora_merged_rank"  # set on each merged LoRA layer: the rank it was merged at
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..core.locking import locks_output
+from ..core.models import embedded_name, resolve
+from ..core.ranks import parse_rank_spec
+from ..core.saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
 from .export import export_rank
-from .locking import locks_output
-from .models import embedded_name, resolve
-from .ranks import parse_rank_spec
-from .saving import PEFT_CONFIG_NAME, WEIGHTS_NAME
 
 # transformers model_type -> (llama.cpp architecture, q/k rows permuted in the GGUF base)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True)}
@@ -46,7 +46,7 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Te
     """PEFT adapter tensors -> llama.cpp names (`blk.N.attn_q.weight.lora_a`), q/k lora_B permuted."""
     import gguf
 
-    from . import peft_seam
+    from ..core import peft_seam
 
     if config.model_type not in ARCHITECTURES:
         raise ValueError(f"GGUF export supports {', '.join(ARCHITECTURES)} base models; this base is "
