@@ -36,11 +36,12 @@ from typing import Any
 import torch
 
 from ..core.locking import locks_output
-from ..core.model import get_controller, set_rank
+from ..core.model import get_controller
 from ..core.ranks import check_sweep_ranks
 from ..data.gsm8k import DEFAULT_GSM8K_DIR, GSM8K_ENV
 from .harness_tasks import build_task_manager, check_local_data, import_lm_eval, resolve_gsm8k_dir, write_local_tasks
 from .report import method_summary, write_results
+from .sweep import each_rank
 
 # Headline metric when the user names none. GSM8K: the paper's strict exact match. ARC and
 # HellaSwag at 25/10 shots are the Open LLM Leaderboard settings, which report acc_norm.
@@ -200,29 +201,26 @@ def harness_sweep(
             task_manager = build_task_manager(TaskManager, tasks, include)
             lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
-            def evaluate(k: int, label: str) -> tuple[dict[str, float], float, dict]:
-                t0 = time.perf_counter()
-                with set_rank(model, k):
-                    out = lm_eval.simple_evaluate(
-                        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-                        use_cache=None, cache_requests=False,  # fresh outputs for every rank
-                        log_samples=samples_dir is not None, bootstrap_iters=bootstrap_iters,
-                        apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
-                        system_instruction=system_instruction, gen_kwargs=gen_kwargs,
-                    )
-                if samples_dir is not None:
-                    _write_samples(Path(samples_dir), label, out["samples"])
-                return flatten_scores(out, tasks), time.perf_counter() - t0, out
+            headline = first = None
 
-            base = base_s = headline = first = None
-            if include_base:
-                base, base_s, first = evaluate(0, "base")
-                headline = resolve_metric(base, tasks, metric)  # fail fast, before the rank sweep
-            per_rank, rank_s = {}, {}
-            for k in ranks:
-                per_rank[k], rank_s[str(k)], out = evaluate(k, f"rank_{k}")
-                if headline is None:
-                    headline, first = resolve_metric(per_rank[k], tasks, metric), out
+            def evaluate(k: int) -> dict[str, float]:
+                nonlocal headline, first
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+                    use_cache=None, cache_requests=False,  # fresh outputs for every rank
+                    log_samples=samples_dir is not None, bootstrap_iters=bootstrap_iters,
+                    apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+                    system_instruction=system_instruction, gen_kwargs=gen_kwargs,
+                )
+                if samples_dir is not None:
+                    _write_samples(Path(samples_dir), "base" if k == 0 else f"rank_{k}", out["samples"])
+                scores = flatten_scores(out, tasks)
+                if headline is None:  # resolved at the first point (the base model): fail before the sweep
+                    headline, first = resolve_metric(scores, tasks, metric), out
+                return scores
+
+            per_rank, rank_s = each_rank(model, ([0] if include_base else []) + ranks, evaluate)
+            base, base_s = (per_rank.pop(0), rank_s.pop("0")) if include_base else (None, None)
     finally:
         model.train(was_training)
 

@@ -102,6 +102,29 @@ def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar
     return out
 
 
+def each_rank(model, ranks: Sequence[int], score, bar=None) -> tuple[dict[int, dict], dict[str, float]]:
+    """The rank-sweep loop of every scorer (built-in and lm-eval): `score(k)` with the model at rank k.
+
+    Args:
+        model: A matryoshka model; its rank mode is restored after each rank.
+        ranks: Ranks in order (0 = the base model).
+        score: k -> {metric: value}.
+        bar: Optional tqdm bar that shows the current rank.
+
+    Returns:
+        ({k: scores}, {str(k): seconds}).
+    """
+    per_rank, seconds = {}, {}
+    for k in ranks:
+        if bar is not None:
+            bar.set_postfix(rank=k)
+        start = time.perf_counter()
+        with set_rank(model, k):
+            per_rank[k] = score(k)
+        seconds[str(k)] = time.perf_counter() - start
+    return per_rank, seconds
+
+
 def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), chat_template: bool = True,
                    max_length: int = 1024, keep_items: bool = False, truncate: bool = False) -> dict:
     """Score a matryoshka model at each rank (and rank 0) on the same examples.
@@ -126,7 +149,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
     prep = _Prepared(tokenizer, examples, fewshot, config, chat_template, max_length, truncate)
     stop = stop_strings(chat_template, tokenizer)
     todo = ([0] if config.include_base else []) + ranks
-    per_rank, timings, items, match_hits, match_seconds = {k: {} for k in todo}, {}, {}, {}, None
+    per_rank, items, match_hits, match_seconds = {k: {} for k in todo}, {}, {}, None
     model.eval()
     if prep.match is not None:  # every rank in one stacked pass
         start = time.perf_counter()
@@ -139,16 +162,16 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
         match_seconds = time.perf_counter() - start
     n_gen = len(prep.gen[0]) if prep.gen else 0
     with tqdm(total=n_gen * len(todo), desc="eval (generation rows)", disable=n_gen == 0) as bar:
-        for k in todo:
-            bar.set_postfix(rank=k)
-            start = time.perf_counter()
-            with set_rank(model, k):
-                scores = _score_once(model, tokenizer, prep, config, stop, bar)
-            timings[str(k)] = time.perf_counter() - start
+        def score(k: int) -> dict:
+            scores = _score_once(model, tokenizer, prep, config, stop, bar)
             item_list = scores.pop("_items", None)
             if keep_items and item_list is not None:
                 items[str(k)] = item_list
-            per_rank[k].update(scores)
+            return scores
+
+        scored, timings = each_rank(model, todo, score, bar)
+    for k in todo:
+        per_rank[k].update(scored[k])
     result = {
         "metric": headline_metric(config.metrics, prep.gen and prep.gen[1]),
         "ranks": ranks,
