@@ -32,12 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from matryoshka_lora import fold_p, load_matryoshka_model  # noqa: E402
-from matryoshka_lora.checkpoints import latest_checkpoint  # noqa: E402
+from matryoshka_lora import MatryoshkaConfig, fold_p, get_matryoshka_model  # noqa: E402
+from matryoshka_lora.comparison import SharedBase, mean_std  # noqa: E402
 from matryoshka_lora.core.files import atomic_write_text  # noqa: E402
-from matryoshka_lora.core.models import load_model  # noqa: E402
 from matryoshka_lora.evaluation.report import plot  # noqa: E402
-from matryoshka_lora.experiment import RunConfig, evaluate, train  # noqa: E402
+from matryoshka_lora.experiment import RunConfig, evaluate  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16, 32]
 # lr multipliers per method relative to --base-lr, spaced for each method's effective step: the
@@ -67,21 +66,17 @@ PRESETS = {
 }
 
 
-def _mean_std(xs):
-    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 class Study:
     def __init__(self, args):
         self.args, self.out = args, Path(args.out)
         self.preset = {**PRESETS[args.preset], **({"steps": args.steps} if args.steps else {})}
-        self.base = self.tok = None
+        self.shared: SharedBase | None = None  # one base model for every run, as in `mlora compare`
         self.picked: dict[str, float] = {}  # method -> lr picked on the grid task
 
-    def model(self):
-        if self.base is None:
-            self.base, self.tok = load_model(self.args.model, dtype="float32")
-        return self.base, self.tok
+    def shared_base(self) -> SharedBase:
+        if self.shared is None:
+            self.shared = SharedBase(self.run_config("arith", "lora", self.args.base_lr, 0, 1, self.out))
+        return self.shared
 
     def run_config(self, task, method, lr, seed, steps, out) -> RunConfig:
         overrides, _ = METHODS[method]
@@ -107,22 +102,16 @@ class Study:
         cached = out / f"eval_{split}{'_fold' if fold else ''}.json"
         if cached.is_file():
             return json.loads(cached.read_text())
-        run = self.run_config(task, method, lr, seed, steps, out)
-        base, tok = self.model()
         start = time.perf_counter()
-        if (out / "adapter" / "matryoshka_config.json").is_file():
-            model = load_matryoshka_model(base, out / "adapter")
-        else:
-            run = run.replace(resume=latest_checkpoint(out / "checkpoints") is not None)  # a killed run continues
-            model = train(run, base, tok).model
+        model, run = self.shared_base().trained(self.run_config(task, method, lr, seed, steps, out))  # a killed run continues
         if fold:
             fold_p(model)
         size = self.preset["val_eval" if split == "validation" else "test_eval"]
         res = evaluate(run.replace(include_base=False, num_eval=size), out / "adapter", split, model=model,
-                       tokenizer=tok)
+                       tokenizer=self.shared_base().tokenizer)
         res["seconds"] = time.perf_counter() - start
         res["train_seconds"] = json.loads((out / "train_config.json").read_text()).get("seconds")
-        self.base = model.unload()
+        self.shared_base().release(model)
         atomic_write_text(cached, json.dumps(res, indent=1) + "\n")  # a kill never leaves a truncated cache
         print(f"[study] {task} {method}{'+fold' if fold else ''} lr={lr:.3g} seed={seed} steps={steps} {split}: "
               f"AURAC {_score(res):.1f} ({res['seconds']:.0f}s)", flush=True)
@@ -190,12 +179,11 @@ class Study:
             return json.loads(out.read_text())
         method = self.preset["methods"][0]
         run = self.run_config(task, method, self.args.base_lr, 0, self.preset["steps"], self.out / task / "base")
-        base, tok = self.model()
-        from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
+        base, tok = self.shared_base().get()
         model = get_matryoshka_model(base, MatryoshkaConfig(r=max(self.ranks), ranks=self.ranks))
         res = evaluate(run.replace(include_base=True, eval_ranks=[self.ranks[0]], num_eval=self.preset["test_eval"]),
                        None, "test", model=model, tokenizer=tok)
-        self.base = model.unload()
+        self.shared_base().release(model)
         atomic_write_text(out, json.dumps(res["base"]) + "\n")
         return res["base"]
 
@@ -208,9 +196,9 @@ def _summary(tests, lr, grid, steps, cost) -> dict:
     metric = tests[0]["metric"]
     per_rank = {}
     for k in tests[0]["ranks"]:
-        per_rank[str(k)] = _mean_std([next(iter(t["methods"].values()))["per_rank"][str(k)][metric] for t in tests])
-    au = _mean_std([next(iter(t["methods"].values()))["aurac"] for t in tests])
-    la = _mean_std([next(iter(t["methods"].values()))["log_aurac"] for t in tests])
+        per_rank[str(k)] = mean_std([next(iter(t["methods"].values()))["per_rank"][str(k)][metric] for t in tests])
+    au = mean_std([next(iter(t["methods"].values()))["aurac"] for t in tests])
+    la = mean_std([next(iter(t["methods"].values()))["log_aurac"] for t in tests])
     return {"learning_rate": lr, "validation_aurac_grid": grid, "steps": steps, "compute_per_step": cost,
             "seeds": len(tests), "per_rank": per_rank, "aurac": au, "log_aurac": la,
             "train_seconds": statistics.fmean(t.get("train_seconds") or 0 for t in tests)}

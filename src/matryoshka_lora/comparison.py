@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .checkpoints import latest_checkpoint
 from .core.files import atomic_write_text
 from .core.locking import locks_output
@@ -150,12 +152,17 @@ class SharedBase:
         Give the model back with `release(model)` before the next run.
         """
         folder = run_dir(out, method, lr, seed)
-        resume = latest_checkpoint(folder / "checkpoints") is not None  # a run killed mid-training continues
-        sub = run.replace(method=method, learning_rate=lr, seed=seed, output_dir=str(folder), resume=resume, **flat)
+        return self.trained(run.replace(method=method, learning_rate=lr, seed=seed, output_dir=str(folder), **flat))
+
+    def trained(self, run: RunConfig) -> tuple[torch.nn.Module, RunConfig]:
+        """The adapter of the run in `run.output_dir`: loaded if it finished, else trained (a run killed
+        mid-training continues from its last checkpoint). Returns the model and the run config used."""
+        folder = Path(run.train.output_dir)
+        run = run.replace(resume=latest_checkpoint(folder / "checkpoints") is not None)
         base, tokenizer = self.get()
         if (folder / "adapter" / "matryoshka_config.json").is_file():
-            return load_matryoshka_model(base, folder / "adapter"), sub
-        return train(sub, base, tokenizer).model, sub
+            return load_matryoshka_model(base, folder / "adapter"), run
+        return train(run, base, tokenizer).model, run
 
     def release(self, model) -> None:
         self.model = model.unload()  # the base model without adapter layers, for the next run
