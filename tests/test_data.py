@@ -6,10 +6,10 @@ import re
 import pytest
 from gsm8k_path import gsm8k_dir
 
+from matryoshka_lora.data.answers import extract_strict
 from matryoshka_lora.data.examples import Example
 from matryoshka_lora.data.loading import DataConfig, carve_validation, fewshot_examples, load_examples, platypus_prompt
 from matryoshka_lora.data.synthetic import WORDOPS, generate_arith, generate_wordops, split_of
-from matryoshka_lora.evaluation import extract_strict
 
 SPLITS = ("train", "validation", "test")
 CALC = re.compile(r"<<([0-9+\-*]+)=(-?[0-9]+)>>\2")

@@ -3,7 +3,7 @@ import json
 import pytest
 from gsm8k_path import gsm8k_dir
 
-from matryoshka_lora.evaluation import extract_flexible, extract_strict, is_correct, normalize
+from matryoshka_lora.data.answers import extract_flexible, extract_strict, is_correct, normalize
 
 # (text, strict, flexible)
 EXTRACT_CASES = [

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from matryoshka_lora.data.answers import exact_match, extract_answer
 from matryoshka_lora.data.examples import Example
 from matryoshka_lora.data.loading import DataConfig, load_examples
-from matryoshka_lora.evaluation.extract import exact_match, extract_answer
 from matryoshka_lora.evaluation.generation import GenerationScorer
 from matryoshka_lora.evaluation.sweep import EvalConfig
 

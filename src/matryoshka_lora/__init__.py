@@ -5,6 +5,7 @@ from .core.metrics import aurac, log_aurac
 from .core.model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_rank, set_row_ranks
 from .core.saving import fold_adapter, load_matryoshka_model, save_matryoshka
 from .core.weighting import default_ranks, prefix_weights, rank_scale, rank_weights
+from .data.answers import extract_flexible, extract_strict, is_correct
 from .data.examples import Example
 from .data.loading import DataConfig, fewshot_examples, load_examples
 from .data.prompts import build_prompt, encode_examples, encode_for_training, make_collator, stop_strings
@@ -15,7 +16,6 @@ from .deploy.export import export_rank, rank_footprint
 from .deploy.merge import merge_rank, merge_to_dir, unmerge
 from .deploy.recommend import recommend_rank
 from .deploy.svd import svd_adapter, svd_order
-from .evaluation.extract import extract_flexible, extract_strict, is_correct
 from .evaluation.harness import HarnessConfig, harness_eval, harness_sweep
 
 __version__ = "0.1.0"

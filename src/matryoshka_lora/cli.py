@@ -388,7 +388,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .evaluation.harness_tasks import HarnessNotInstalled
-
     try:
         args.func(args)
     except (ValueError, OSError, FloatingPointError, HarnessNotInstalled) as e:  # bad input, disk full, NaN, missing extra: the message names the fix

@@ -12,10 +12,8 @@ We add one callback and one `training_step`, nothing else of the Trainer's loop:
   at `on_substep_end`, after each micro-batch but the step's last). The draw is a pure function
   of (seed, global_step[, micro-batch index]), so every data-parallel process and every resumed
   run draws the same rank.
-- a NaN/inf loss stops the run at once, with the step number, before the optimizer applies it
-  (the Trainer would otherwise replace it by an average and go on).
-- checkpoints are atomic (checkpoints.py: written into `checkpoints/.saving/`, renamed into place
-  when complete), with `matryoshka_config.json` and the DyLoRA draws inside.
+- a NaN/inf loss stops the run at once, before the optimizer applies it (the Trainer would go on).
+- checkpoints are atomic (checkpoints.py), with `matryoshka_config.json` and the DyLoRA draws inside.
 """
 
 from __future__ import annotations

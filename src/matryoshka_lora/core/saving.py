@@ -154,7 +154,7 @@ def check_adapter_dir(directory: str | Path) -> MatryoshkaConfig:
                      f"(recorded in {WEIGHTS_NAME})" for k, was, now in config_differences(before, config)]
     if problems:
         raise ValueError(f"Adapter {directory} is inconsistent:\n  - " + "\n  - ".join(problems)
-                         + f"\nRestore the files to what the weights were saved with, or re-save the adapter "
+                         + "\nRestore the files to what the weights were saved with, or re-save the adapter "
                            "with save_matryoshka().")
     return config
 

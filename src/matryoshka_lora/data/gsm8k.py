@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..evaluation.extract import extract_strict, normalize
+from .answers import extract_strict, normalize
 from .examples import Example
 from .rows import RowError, column_text
 

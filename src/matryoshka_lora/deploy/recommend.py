@@ -137,7 +137,7 @@ def recommend_rank(
             raise ValueError(f"{origin} names the adapter {path}: {e}\n"
                              "Pass --adapter DIR (adapter=) to size the ranks with another adapter.") from None
     elif entry.get("trainable_params") and entry.get("r"):
-        note = (f"No adapter directory found: params are trainable_params * k / r from the results file; "
+        note = ("No adapter directory found: params are trainable_params * k / r from the results file; "
                 "pass adapter= (--adapter DIR) for exact sizes.")
         for k in ranks:
             cost[k] = (None, round(entry["trainable_params"] * k / entry["r"]))

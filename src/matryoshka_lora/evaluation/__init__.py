@@ -1,5 +1,3 @@
-"""Scoring nested adapters at every rank: built-in evaluators and the lm-evaluation-harness wrapper."""
-
-from .extract import extract, extract_flexible, extract_strict, is_correct, normalize
-
-__all__ = ["extract", "extract_flexible", "extract_strict", "is_correct", "normalize"]
+"""Scoring nested adapters at every rank: the sweep, teacher-forced match, likelihood, generation,
+the lm-evaluation-harness bridge, and the results schema (`report.py`). Answer extraction lives in
+`data/answers.py`, next to the answer formats it reads."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .extract import exact_match, extract_answer, extract_flexible, extract_strict, is_correct
+from ..data.answers import exact_match, extract_answer, extract_flexible, extract_strict, is_correct
 
 
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
