@@ -1,6 +1,8 @@
 """llama.cpp (GGUF) export: the file llama.cpp's converter writes, with the same rank-k product."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,37 +77,6 @@ def test_gguf_export_cli_and_errors(tiny_model_dir, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".l.gguf")]  # no temporaries left
 
 
-def greedy_agreement(adapter_dir, ranks, tmp_path, n=50, max_new_tokens=24):
-    """Share of `n` held-out arith prompts on which llama.cpp (embedded GGUF base + rank-k GGUF adapter)
-    and transformers (dequantized base + nested adapter at rank k) give the same greedy completion."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from matryoshka_lora import load_matryoshka_model
-    from matryoshka_lora.core.models import load_model, resolve
-    from matryoshka_lora.data.loading import DataConfig, load_examples
-    from matryoshka_lora.data.prompts import build_prompt
-
-    base, tok = load_model("smollm2-135m")
-    model = load_matryoshka_model(base, adapter_dir).eval()
-    prompts = [build_prompt(tok, e, (), False) for e in load_examples(DataConfig(dataset="arith", num_eval=n,
-                                                                                 arith_max_digits=2), "test")]
-    directory, filename = resolve("smollm2-135m")
-    out = {}
-    for k in ranks:
-        lora = export_gguf(adapter_dir, k, tmp_path / f"rank{k}.gguf", base_model="smollm2-135m", overwrite=True)
-        llm = llama_cpp.Llama(model_path=f"{directory}/{filename}", lora_path=str(lora), n_ctx=256, n_threads=2,
-                              verbose=False, seed=0)
-        same = 0
-        for p in prompts:
-            ids = tok(p, return_tensors="pt").input_ids
-            with torch.no_grad(), set_rank(model, k):
-                ref = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
-            ours = llm(p, max_tokens=max_new_tokens, temperature=0.0, top_k=1)["choices"][0]["text"]
-            same += tok.decode(ref, skip_special_tokens=True).strip() == ours.strip()
-        out[k] = same / len(prompts)
-        llm.close()  # one llama.cpp context at a time
-    return out
-
-
 @pytest.mark.slow
 def test_llama_cpp_agrees_with_transformers_on_a_trained_smollm2_adapter(tmp_path):
     from matryoshka_lora.experiment import RunConfig, train
@@ -113,6 +84,10 @@ def test_llama_cpp_agrees_with_transformers_on_a_trained_smollm2_adapter(tmp_pat
                                    chat_template=False, max_steps=40, batch_size=8, num_train=320, learning_rate=1e-3,
                                    output_dir=str(tmp_path / "run"), disable_tqdm=True, deploy_order="svd"))
     adapter = train(run).adapter_dir
+    pytest.importorskip("llama_cpp")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.llama_cpp_agreement import greedy_agreement
+
     agreement = greedy_agreement(adapter, [4, 32], tmp_path)
     print(f"\nllama.cpp vs transformers greedy agreement over 50 prompts: {agreement}")
     assert all(a >= 0.9 for a in agreement.values()), agreement
