@@ -80,8 +80,8 @@ def plain_config(src: AdapterSource, ranks: Mapping[str, int]) -> dict:
     return cfg
 
 
-def _tensor_plan(src: AdapterSource, ranks: Mapping[str, int]) -> list[tuple[str, str, list[int], int | None, str | None]]:
-    """(key, dtype, shape, k, factor) of every tensor of the rank-k adapter."""
+def _tensor_plan(src: AdapterSource, ranks: Mapping[str, int]) -> list[tuple[str, str, list[int]]]:
+    """(key, dtype, shape) of every tensor of the rank-k adapter."""
     plan = []
     for name, keys in src.layers.items():
         k = ranks[name]
@@ -90,10 +90,10 @@ def _tensor_plan(src: AdapterSource, ranks: Mapping[str, int]) -> list[tuple[str
         for factor in ("A", "B"):
             dtype, shape = src.meta(keys[factor])
             shape = [k, *shape[1:]] if factor == "A" else [shape[0], k, *shape[2:]]
-            plan.append((keys[factor], dtype, shape, k, factor))
+            plan.append((keys[factor], dtype, shape))
     for key in src.extra:
         dtype, shape = src.meta(key)
-        plan.append((key, dtype, shape, None, None))
+        plan.append((key, dtype, shape))
     return plan
 
 
@@ -112,7 +112,7 @@ def _safetensors_size(plan, metadata: Mapping[str, str]) -> int:
     """
     order = sorted(plan, key=lambda t: (-_DTYPE_ORDER.index(t[1]), t[0]))
     header, offset = {"__metadata__": dict(metadata)}, 0
-    for key, dtype, shape, *_ in order:
+    for key, dtype, shape in order:
         size = _numel(shape) * _DTYPE_BYTES[dtype]
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
@@ -133,7 +133,7 @@ class Footprint:
 
 def _footprint(src: AdapterSource, ranks: Mapping[str, int]) -> Footprint:
     plan = _tensor_plan(src, ranks)
-    return Footprint(_safetensors_size(plan, _METADATA), sum(_numel(shape) for _, _, shape, *_ in plan))
+    return Footprint(_safetensors_size(plan, _METADATA), sum(_numel(shape) for _, _, shape in plan))
 
 
 def rank_footprint(source, rank: int | Mapping[str, int], default: int | None = None,

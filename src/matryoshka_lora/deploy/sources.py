@@ -38,16 +38,20 @@ class AdapterSource:
     origin: str
     _raw: Callable  # key -> tensor or safetensors slice (both slice the same way)
     _meta: Callable  # key -> (dtype name, shape)
+    _live: bool = False  # tensors of a model in memory: hand out copies, never views of its weights
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().clone() if self._live else t.contiguous()  # a file slice is already a fresh tensor
 
     def read(self, key: str) -> torch.Tensor:
-        """A whole tensor, as an independent copy."""
-        return self._raw(key)[:].contiguous().clone()
+        """A whole tensor."""
+        return self._out(self._raw(key)[:])
 
     def prefix(self, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Layer `name` at rank k: (A_k (k, m), B_k (n, k), s_k), the rule of `weighting.prefix_factors`."""
         keys, c = self.layers[name], self.config
         A_k, B_k, scale = prefix_factors(self._raw(keys["A"]), self._raw(keys["B"]), k, c.scaling, c.alpha)
-        return A_k.contiguous().clone(), B_k.contiguous().clone(), scale
+        return self._out(A_k), self._out(B_k), scale
 
     def meta(self, key: str) -> tuple[str, list[int]]:
         return self._meta(key)
@@ -65,7 +69,8 @@ def open_source(source) -> Iterator[AdapterSource]:
         state = {key: t.detach() for key, t in peft_seam.adapter_state_dict(source).items()}
         layers, extra = peft_seam.index_keys(list(state), "The model")
         yield AdapterSource(config, peft_seam.adapter_config_dict(source), layers, extra, "a model in memory",
-                            state.__getitem__, lambda key: (TORCH_DTYPES[state[key].dtype], list(state[key].shape)))
+                            state.__getitem__, lambda key: (TORCH_DTYPES[state[key].dtype], list(state[key].shape)),
+                            _live=True)
         return
     directory = Path(source)
     config = check_adapter_dir(directory)
