@@ -31,7 +31,7 @@ from .common import (
     summarize,
 )
 
-VARIANTS = ("peft_lora", "lora", "dylora", "matryoshka", "base_only")
+VARIANTS = ("peft_lora", "lora", "dylora", "matryoshka", "matryoshka_unfused", "base_only")
 REFERENCE = "peft_lora"
 ADAPTER_SEED = 1
 
@@ -52,14 +52,16 @@ def build_variant(base: torch.nn.Module, variant: str, r: int):
     if variant == "peft_lora":
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules="all-linear", lora_dropout=0.0,
                                                  bias="none"))
-    else:
-        model = get_matryoshka_model(model, MatryoshkaConfig(r=r, method=variant, target_modules="all-linear"))
+    else:  # ours: the fused forward (the default), or PEFT's forward plus the P hook ("_unfused")
+        method, _, unfused = variant.partition("_")
+        model = get_matryoshka_model(model, MatryoshkaConfig(r=r, method=method, target_modules="all-linear"),
+                                     fused=not unfused)
         if variant == "dylora":
             before_step = lambda: draw_rank(model)  # noqa: E731 - one draw per optimizer step, as in training
         prime_vectors(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)  # the Trainer's default optim, adamw_torch_fused
     init_state(optimizer)
     return model, optimizer, before_step
 
@@ -128,7 +130,7 @@ def run(shape: str = "smollm2-135m", ranks=(8, 32, 128), batch: int = 1, seq: in
     out = {
         "config": dict(shape=shape, layers=base.config.num_hidden_layers, hidden=base.config.hidden_size,
                        batch=batch, seq=seq, ranks=list(ranks), rounds=rounds, warmup=warmup, device=device,
-                       dtype=dtype, target_modules="all-linear", optimizer="AdamW", reference=REFERENCE,
+                       dtype=dtype, target_modules="all-linear", optimizer="AdamW(fused=True)", reference=REFERENCE,
                        variants=list(variants)),
         "memory_method": memory_method(device),
         "per_r": {},

@@ -58,16 +58,27 @@ def test_run_all_quick_writes_the_full_structure(tmp_path):
     per_r = train["per_r"]["8"]
     assert set(per_r["time"]) == set(training_step.VARIANTS)
     assert all(set(t) == TIMING for t in per_r["time"].values())
-    # Exact, unlike timings: each adapted layer runs PEFT's ops plus one multiply by the cached P
-    # (forward) and its backward, so nothing is rebuilt per step, no loop over ranks, no copy of A;
-    # and the step allocates exactly what PEFT LoRA's does.
+    # Exact, unlike timings. PEFT's forward plus our P hook: PEFT's ops plus one multiply by the
+    # cached P (forward) and its backward per adapted layer, so nothing is rebuilt per step, no loop
+    # over ranks, no copy of A; and the step allocates exactly what PEFT LoRA's does.
     layers = per_r["adapted_layers"]
     assert layers == 14  # 2 Llama blocks x 7 linear layers
+    ops = per_r["ops_vs_reference"]
+    assert ops["matryoshka_unfused"] == {"aten::mul": 2 * layers, "MulBackward0": layers,
+                                         "autograd::engine::evaluate_function: MulBackward0": layers}
+    assert per_r["peak_bytes"]["matryoshka_unfused"] == per_r["peak_bytes"]["peft_lora"]
+    # The fused forward: per block one A matmul for q/k/v and one for gate/up (2 cats, 2 splits),
+    # B and the add as one addmm per layer (no add), and PEFT's multiply by its scale replaced by
+    # the multiply by P, or by nothing where P is all ones (lora).
+    groups = 2 * 2  # q/k/v and gate/up in each of 2 blocks
+    a_matmuls = groups + (layers - 5 * 2)  # one per group, one per layer outside a group (o, down)
     for variant in ("lora", "dylora", "matryoshka"):
-        assert per_r["ops_vs_reference"][variant] == {
-            "aten::mul": 2 * layers, "MulBackward0": layers,
-            "autograd::engine::evaluate_function: MulBackward0": layers}, variant
-        assert per_r["peak_bytes"][variant] == per_r["peak_bytes"]["peft_lora"], variant
+        diff = ops[variant]
+        assert diff["aten::addmm"] == layers and diff["aten::add"] == -layers, variant
+        assert diff["aten::linear"] == a_matmuls - 2 * layers, variant  # PEFT: lora_A and lora_B in each layer
+        assert diff["aten::cat"] == 2 * groups and diff["aten::split_with_sizes"] == groups, variant
+        assert diff.get("aten::mul", 0) == (-2 * layers if variant == "lora" else 0), variant
+        assert per_r["peak_bytes"][variant] <= 1.01 * per_r["peak_bytes"]["peft_lora"], variant
     assert per_r["peak_bytes"]["base_only"] < per_r["peak_bytes"]["peft_lora"]
     assert per_r["trainable_params"]["base_only"] == 0
     assert len({per_r["trainable_params"][v] for v in ("peft_lora", "lora", "dylora", "matryoshka")}) == 1

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from . import fused as fused_path
 from . import peft_seam
 from .config import MatryoshkaConfig
 from .ranks import layer_ranks
@@ -37,7 +38,9 @@ class RankController:
         self.training_k: int | None = None  # DyLoRA's current draw
         self._draws = 0
         self._mode: object = None  # None | int | dict[name, int] | torch.Tensor of row ranks
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, bool]] = {}
+        self.fused = False  # layers run `fused.fused_forward` (set by `attach` / `set_fused`)
+        self.hook_ids: set[int] = set()  # handles of our P hooks on lora_A
 
     # -- vectors ------------------------------------------------------------------------------
     def _base_vector(self, key) -> torch.Tensor:
@@ -53,18 +56,17 @@ class RankController:
         table = torch.stack([prefix_weights(c.r, k, c.scaling, c.alpha) for k in range(c.r + 1)])  # (R+1, R)
         return table[rows.cpu()]
 
-    def _cached(self, key, like: torch.Tensor) -> torch.Tensor:
+    def _cached(self, key, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
         full = (key, like.device, like.dtype)
-        vec = self._cache.get(full)
-        if vec is None:
+        entry = self._cache.get(full)
+        if entry is None:
             # a normal tensor even when first needed under inference_mode, so a later backward can save it
             with torch.inference_mode(False):
                 vec = self._base_vector(key).to(device=like.device, dtype=like.dtype)
-            self._cache[full] = vec
-        return vec
+            entry = self._cache[full] = (vec, bool((vec == 1).all()))
+        return entry
 
-    def vector(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The P to multiply into `like` (lora_A's output, shape (..., R)) for layer `name`."""
+    def _lookup(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
         mode = self._mode
         if mode is None:
             if self.config.method == "dylora" and self.training_k is None:
@@ -74,13 +76,22 @@ class RankController:
             return self._cached(("rank", mode), like)
         if isinstance(mode, dict):
             return self._cached(("rank", mode[name]), like)
-        vec = self._cached(("rows", id(mode)), like)  # (B, R)
+        vec, ones = self._cached(("rows", id(mode)), like)  # (B, R)
         if like.shape[0] != vec.shape[0]:
             raise ValueError(
                 f"Row ranks were set for a batch of {vec.shape[0]} but the model got a batch of {like.shape[0]}; "
                 "pass one rank per sequence in the batch."
             )
-        return vec.view(vec.shape[0], *([1] * (like.dim() - 2)), vec.shape[1])
+        return vec.view(vec.shape[0], *([1] * (like.dim() - 2)), vec.shape[1]), ones
+
+    def vector(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The P to multiply into `like` (lora_A's output, shape (..., R)) for layer `name`."""
+        return self._lookup(name, like)[0]
+
+    def scale(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """`vector(name, like)`, or None where it is all ones (the multiply can be skipped)."""
+        vec, ones = self._lookup(name, like)
+        return None if ones else vec
 
     # -- modes --------------------------------------------------------------------------------
     @property
@@ -129,12 +140,14 @@ class RankController:
         return hook
 
 
-def get_matryoshka_model(model: torch.nn.Module, config: MatryoshkaConfig):
+def get_matryoshka_model(model: torch.nn.Module, config: MatryoshkaConfig, fused: bool = True):
     """Wrap a Hugging Face model with nested LoRA adapters (any model PEFT LoRA supports).
 
     Args:
         model: A transformers model (nn.Linear layers, or GPT-2 style Conv1D).
         config: The rank schedule and LoRA targets.
+        fused: Run the fused LoRA forward (`fused.py`: the same outputs and gradients as PEFT's,
+            with fewer operations) wherever it is exact; False runs PEFT's forward everywhere.
 
     Returns:
         A `peft.PeftModel` whose LoRA layers run Eq. 7; only the adapter is trainable.
@@ -143,7 +156,7 @@ def get_matryoshka_model(model: torch.nn.Module, config: MatryoshkaConfig):
                                                               config.lora_dropout, config.modules_to_save))
     if config.init == "paper":
         init_paper(peft_model, config.r)
-    attach(peft_model, config)
+    attach(peft_model, config, fused)
     return peft_model
 
 
@@ -160,7 +173,7 @@ def init_paper(model: torch.nn.Module, r: int) -> None:
         A.uniform_(-bound, bound)
 
 
-def attach(peft_model: torch.nn.Module, config: MatryoshkaConfig) -> RankController:
+def attach(peft_model: torch.nn.Module, config: MatryoshkaConfig, fused: bool = True) -> RankController:
     """Install the rank controller on an existing PEFT LoRA model (used by get/load)."""
     layers = list(peft_seam.lora_layers(peft_model))
     if not layers:
@@ -168,10 +181,17 @@ def attach(peft_model: torch.nn.Module, config: MatryoshkaConfig) -> RankControl
     controller = RankController(config, [name for name, _ in layers])
     for name, layer in layers:
         peft_seam.set_unit_scaling(layer)
-        peft_seam.add_bottleneck_hook(layer, controller(name))
+        controller.hook_ids.add(peft_seam.add_bottleneck_hook(layer, controller(name)).id)
         layer._mlora_controller = controller
+    fused_path.install(layers)
+    controller.fused = fused
     peft_model._mlora_controller = controller
     return controller
+
+
+def set_fused(model: torch.nn.Module, fused: bool) -> None:
+    """Run the fused LoRA forward (`fused.py`) where it is exact, or PEFT's own forward everywhere."""
+    get_controller(model).fused = bool(fused)
 
 
 def get_controller(model: torch.nn.Module) -> RankController:

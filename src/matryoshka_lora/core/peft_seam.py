@@ -9,6 +9,7 @@ Tested against PEFT >= 0.17, < 0.22 (pinned in pyproject.toml).
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -73,6 +74,41 @@ def add_bottleneck_hook(layer: LoraLayer, hook: Callable, adapter: str = ADAPTER
     `prepend=True` runs it before the hooks already there (so it sees the bottleneck before P).
     """
     return layer.lora_A[adapter].register_forward_hook(hook, prepend=prepend)
+
+
+def bottleneck_hooks_only(layer: LoraLayer, hook_ids, adapter: str = ADAPTER) -> bool:
+    """True when lora_A runs no hook but the ones whose handle ids are in `hook_ids` (and no pre-hook)."""
+    lora_A = layer.lora_A[adapter]
+    return not lora_A._forward_pre_hooks and set(lora_A._forward_hooks) <= set(hook_ids)
+
+
+def plain_lora(layer: LoraLayer, x: torch.Tensor, kwargs: dict, adapter: str = ADAPTER) -> bool:
+    """True when PEFT's forward of `layer` on `x` is exactly `base(x) + lora_B(lora_A(x))` (scale 1):
+    the one adapter active and unmerged, identity dropout, no DoRA or other variant, no LoRA bias,
+    no mixed-adapter batch, and `x` already in the adapter's dtype (PEFT would cast it)."""
+    return (not layer.disable_adapters and not layer.merged and not kwargs
+            and layer.active_adapters == [adapter]
+            and isinstance(layer.lora_dropout[adapter], torch.nn.Identity)
+            and adapter not in getattr(layer, "lora_variant", {})
+            and not getattr(layer, "use_dora", {}).get(adapter, False)
+            and layer.lora_B[adapter].bias is None
+            and layer.scaling[adapter] == 1.0
+            and x.dtype == layer.lora_A[adapter].weight.dtype)
+
+
+def replace_forward(layer: LoraLayer, forward: Callable) -> None:
+    """Run `forward(layer, x, *args, **kwargs)` instead of PEFT's forward for this layer (a bound
+    method, so deep copies of the model call it on their own layer); `restore_forward` undoes it."""
+    layer.forward = types.MethodType(forward, layer)
+
+
+def peft_forward(layer: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's own forward of `layer` (whatever `replace_forward` installed)."""
+    return type(layer).forward(layer, x, *args, **kwargs)
+
+
+def restore_forward(layer: LoraLayer) -> None:
+    layer.__dict__.pop("forward", None)
 
 
 def matches(pattern: str, name: str) -> bool:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from ..core.model import set_row_ranks
 from ..data.answers import exact_match, extract_answer, extract_flexible, extract_strict, is_correct
 
 
@@ -36,7 +38,72 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text if cut < 0 else text[:cut]
 
 
+def stop_position(tokenizer, tokens: Sequence[int], stop: Sequence[str], eos: set[int]) -> int | None:
+    """Index of the token that ends a generation: the first EOS, or the first token whose text
+    completes a stop string; None when neither occurs. Everything after it is cut.
+
+    Whether a prefix contains a stop string only turns from False to True as it grows, so a
+    binary search decodes about log2(len(tokens)) prefixes.
+    """
+    first_eos = next((j for j, t in enumerate(tokens) if t in eos), None)
+    end = len(tokens) - 1 if first_eos is None else first_eos
+
+    def stopped(j: int) -> bool:
+        text = tokenizer.decode(tokens[:j + 1], skip_special_tokens=False)
+        return any(s and s in text for s in stop)
+
+    if end < 0 or not stop or not stopped(end):
+        return first_eos
+    lo, hi = 0, end  # the first j with stopped(j) lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if stopped(mid) else (mid + 1, hi)
+    return lo
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def decode_cut(tokenizer, tokens: Sequence[int], stop: Sequence[str]) -> str:
+    """The text of generated tokens, cut at the first stop string."""
+    return cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=False), stop)
+
+
 @torch.inference_mode()
+def generate_tokens(model, tokenizer, prompt_ids: Sequence[list[int]], stop: Sequence[str], max_new_tokens: int = 256,
+                    batch_size: int = 16, progress=None, row_ranks: Sequence[int] | None = None) -> list[list[int]]:
+    """Greedy new tokens for each prompt, in input order, up to and including the token that ends
+    the generation (`stop_position`); what a longer batch made after it is dropped.
+
+    Args:
+        row_ranks: One rank per prompt: each batch runs its rows at their own ranks
+            (`set_row_ranks`). None: the model's current mode.
+        Others: as in `generate`.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    eos = eos_ids(model, tokenizer)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    tokens: list[list[int]] = [[] for _ in prompt_ids]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        input_ids, mask = _left_pad([prompt_ids[i] for i in idx], pad_id)
+        with set_row_ranks(model, [row_ranks[i] for i in idx]) if row_ranks is not None else nullcontext():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, stop_strings=list(stop) or None, tokenizer=tokenizer,
+                                 pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+        new = out[:, input_ids.shape[1]:].tolist()
+        for row, i in enumerate(idx):
+            end = stop_position(tokenizer, new[row], stop, eos)
+            tokens[i] = new[row] if end is None else new[row][:end + 1]
+        if progress is not None:
+            progress.update(len(idx))
+    return tokens
+
+
 def generate(model, tokenizer, prompt_ids: Sequence[list[int]], stop: Sequence[str], max_new_tokens: int = 256,
              batch_size: int = 16, progress=None) -> list[str]:
     """Greedy continuations for each prompt, in input order, each cut at the first stop string.
@@ -50,22 +117,8 @@ def generate(model, tokenizer, prompt_ids: Sequence[list[int]], stop: Sequence[s
         batch_size: Prompts per `generate` call (left-padded, longest first).
         progress: Optional tqdm bar, advanced by rows done.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    texts: list[str] = [""] * len(prompt_ids)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        input_ids, mask = _left_pad([prompt_ids[i] for i in idx], pad_id)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, stop_strings=list(stop) or None, tokenizer=tokenizer,
-                             pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-        new = out[:, input_ids.shape[1]:]
-        for row, i in enumerate(idx):
-            texts[i] = cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=False), stop)
-        if progress is not None:
-            progress.update(len(idx))
-    return texts
+    tokens = generate_tokens(model, tokenizer, prompt_ids, stop, max_new_tokens, batch_size, progress)
+    return [decode_cut(tokenizer, t, stop) for t in tokens]
 
 
 def score_generations(texts: Sequence[str], golds: Sequence[str]) -> dict:

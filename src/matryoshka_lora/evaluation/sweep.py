@@ -18,6 +18,7 @@ from ..data.prompts import build_prompt, encode_examples, encode_prompt, stop_st
 from .generation import GenerationScorer, compile_answer_regex, generate
 from .likelihood import completion_loss, multiple_choice
 from .match import completion_match
+from .rank_generation import generate_ranks
 
 METRICS = ("generate", "match", "loss", "mc")
 
@@ -35,6 +36,12 @@ class EvalConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per batch when evaluating."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length cap."})
     include_base: bool = field(default=True, metadata={"help": "Also evaluate rank 0, the base model."})
+    one_pass: bool = field(
+        default=True,
+        metadata={"help": "Score every rank together: loss and mc stack rows x ranks into the same batches; generate "
+                          "decodes once at the largest rank and checks the other ranks against that draft in one "
+                          "teacher-forced pass, decoding on only where a rank departs from it. The same numbers as "
+                          "rank by rank. False scores one rank after another (match is always one pass)."})
     answer_regex: str | None = field(
         default=None,
         metadata={"help": "generate, free-form data: a regex whose first match (its first group, if any) is the answer, "
@@ -87,19 +94,41 @@ class _Prepared:
                        [e.choices for e in usable], [e.label for e in usable])
 
 
+def _score_texts(prep: _Prepared, texts: list[str]) -> dict:
+    scored = prep.gen[1].score(texts)
+    return {**scored["scores"], "_items": [dict(item, text=t) for item, t in zip(scored["items"], texts)]}
+
+
 def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar) -> dict:
+    """Every metric at the model's current rank."""
     out: dict = {}
     if prep.gen is not None:
-        texts = generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens, config.eval_batch_size, bar)
-        scored = prep.gen[1].score(texts)
-        out.update(scored["scores"])
-        out["_items"] = [dict(item, text=t) for item, t in zip(scored["items"], texts)]
+        out.update(_score_texts(prep, generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens,
+                                               config.eval_batch_size, bar)))
     if prep.loss is not None:
         out.update(completion_loss(model, prep.loss, config.eval_batch_size))
     if prep.mc is not None:
         mc = multiple_choice(model, tokenizer, *prep.mc, batch_size=config.eval_batch_size)
         out.update(acc=mc["acc"], acc_norm=mc["acc_norm"])
     return out
+
+
+def _score_all(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, ranks, bar) -> tuple[dict, dict | None]:
+    """Every metric at every rank in one pass (`EvalConfig.one_pass`): ({k: scores}, generation stats)."""
+    out: dict = {k: {} for k in ranks}
+    stats = None
+    if prep.gen is not None:
+        texts, stats = generate_ranks(model, tokenizer, prep.gen[0], ranks, stop, config.max_new_tokens,
+                                      config.eval_batch_size, bar)
+        for k in ranks:
+            out[k].update(_score_texts(prep, texts[k]))
+    if prep.loss is not None:
+        for k, scores in completion_loss(model, prep.loss, config.eval_batch_size, ranks=ranks).items():
+            out[k].update(scores)
+    if prep.mc is not None:
+        for k, mc in multiple_choice(model, tokenizer, *prep.mc, batch_size=config.eval_batch_size, ranks=ranks).items():
+            out[k].update(acc=mc["acc"], acc_norm=mc["acc_norm"])
+    return out, stats
 
 
 def each_rank(model, ranks: Sequence[int], score, bar=None) -> tuple[dict[int, dict], dict[str, float]]:
@@ -161,24 +190,29 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
                 match_hits[str(k)] = hits[k]
         match_seconds = time.perf_counter() - start
     n_gen = len(prep.gen[0]) if prep.gen else 0
+    draft_stats = None
     with tqdm(total=n_gen * len(todo), desc="eval (generation rows)", disable=n_gen == 0) as bar:
-        def score(k: int) -> dict:
-            scores = _score_once(model, tokenizer, prep, config, stop, bar)
-            item_list = scores.pop("_items", None)
-            if keep_items and item_list is not None:
-                items[str(k)] = item_list
-            return scores
-
-        scored, timings = each_rank(model, todo, score, bar)
+        if config.one_pass and len(todo) > 1:
+            start = time.perf_counter()
+            scored, draft_stats = _score_all(model, tokenizer, prep, config, stop, todo, bar)
+            timings = {"seconds_all_ranks": time.perf_counter() - start}
+        else:
+            scored, per_rank_seconds = each_rank(model, todo, lambda k: _score_once(model, tokenizer, prep, config,
+                                                                                   stop, bar), bar)
+            timings = {"seconds_per_rank": per_rank_seconds}
     for k in todo:
+        item_list = scored[k].pop("_items", None)
+        if keep_items and item_list is not None:
+            items[str(k)] = item_list
         per_rank[k].update(scored[k])
     result = {
         "metric": headline_metric(config.metrics, prep.gen and prep.gen[1]),
         "ranks": ranks,
         "base": per_rank.pop(0) if config.include_base else None,
         "per_rank": per_rank,
-        "timings": {"seconds_per_rank": timings, "n_examples": len(examples),
-                    **({"match_seconds_all_ranks": match_seconds} if match_seconds is not None else {})},
+        "timings": {**timings, "n_examples": len(examples),
+                    **({"match_seconds_all_ranks": match_seconds} if match_seconds is not None else {}),
+                    **({"generation_draft": draft_stats} if draft_stats is not None else {})},
     }
     if keep_items:
         result["items"] = items
