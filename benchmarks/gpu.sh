@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Training-step benchmark on CUDA at the Llama-3.2-1B shape: random weights, bf16, all 16 layers.
-# Plain PEFT LoRA vs matryoshka-lora's lora / dylora / matryoshka and the base-only floor,
-# R in {8, 32, 128}, interleaved rounds after warm-up; prints the JSON (also written to
-# benchmarks/results/gpu.json). Sized for well under 5 minutes on one recent GPU.
+# Plain PEFT LoRA vs matryoshka-lora's lora / dylora / matryoshka (the fused forward, the default),
+# matryoshka_unfused (PEFT's forward plus the P hook) and the base-only floor, R in {8, 32, 128},
+# interleaved rounds after warm-up; step time ratios and tokens/s per variant. Prints the JSON
+# (also written to benchmarks/results/gpu.json). Sized for well under 8 minutes on one recent GPU.
 #
 # Needs only torch, transformers and peft (and what they install: safetensors, accelerate, tqdm,
 # pyyaml) plus this repository's source; downloads nothing (the model is built from its config).

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from . import inference, rank_sweep, training_step
+from . import inference, rank_sweep, sweep_passes, training_step
 from .common import RESULTS, environment, log, write_json
 
 # (shape, layers): the embedded SmolLM2-135M in full, and Llama-3.2-1B's shape with 2 of its 16 layers.
@@ -28,6 +28,8 @@ TRAINING_SHAPES = (("smollm2-135m", None, dict(seq=64)), ("llama-3.2-1b", 2, dic
 TRAIN = dict(ranks=(8, 32, 128), batch=1, rounds=8, warmup=0)
 SWEEP = dict(shape="smollm2-135m", layers=4, r=32, n_examples=1, rounds=4, warmup=1)
 INFER = dict(shape="smollm2-135m", r=32, ks=(8, 32), batch=2, seq=64, rounds=10, warmup=1)
+# One pass against rank by rank on an adapter trained here for 40 steps (SmolLM2, arith).
+PASSES = dict(steps=40, problems=16, max_new_tokens=48, batch_size=32, rounds=1)
 
 
 def run(out=None, quick: bool = False, threads: int | None = 1, tokenizer=None) -> dict:
@@ -53,6 +55,10 @@ def run(out=None, quick: bool = False, threads: int | None = 1, tokenizer=None) 
     t0 = time.perf_counter()
     result["inference"] = inference.run(**infer)
     result["seconds"]["inference"] = round(time.perf_counter() - t0, 1)
+    if not quick:  # it needs a real tokenizer and model (tests run it on a tiny one: test_benchmarks.py)
+        t0 = time.perf_counter()
+        result["sweep_passes"] = sweep_passes.run(**PASSES)
+        result["seconds"]["sweep_passes"] = round(time.perf_counter() - t0, 1)
     result["seconds"]["total"] = round(time.perf_counter() - start, 1)
     result["summary"] = summary(result)
     if out is not None:
@@ -90,6 +96,9 @@ def summary(result: dict) -> dict:
             "rounds": len(x)} for v, x in pooled.items()}
     out["sweep_vs_singles"] = round(result["rank_sweep"]["sweep_ratio"], 3)
     out["mixed_batch_vs_separate"] = round(result["rank_sweep"]["mixed_ratio"], 3)
+    if "sweep_passes" in result:
+        out["one_pass_vs_by_rank"] = {**{m: round(x, 3) for m, x in result["sweep_passes"]["ratios"].items()},
+                                      "same_numbers": result["sweep_passes"]["all_same"]}
     out["inference_vs_base"] = {k: {c: round(t["median_round_ratio"], 3) for c, t in per.items()}
                                 for k, per in result["inference"]["per_k"].items()}
     return out
@@ -98,6 +107,8 @@ def summary(result: dict) -> dict:
 def tables(result: dict) -> str:
     parts = [training_step.table(r) for r in result["training_step"]]
     parts += [rank_sweep.table(result["rank_sweep"]), inference.table(result["inference"])]
+    if "sweep_passes" in result:
+        parts.append(sweep_passes.table(result["sweep_passes"]))
     return "\n\n".join(parts)
 
 

@@ -29,11 +29,11 @@ RANKS = [1, 2, 4, 8, 16, 32]
 METRICS = ("generate", "match", "loss", "mc")
 
 
-def trained_adapter(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3) -> Path:
+def trained_adapter(out: Path, steps: int, model: str = "smollm2-135m", batch_size: int = 8, lr: float = 1e-3) -> Path:
     """A short `mlora train` run (matryoshka, R = 32) on the built-in arith task."""
     from matryoshka_lora.experiment import RunConfig, train
 
-    run = RunConfig.from_flat(dict(model="smollm2-135m", dataset="arith", r=32, ranks=RANKS, chat_template=False,
+    run = RunConfig.from_flat(dict(model=model, dataset="arith", r=32, ranks=RANKS, chat_template=False,
                                    max_steps=steps, batch_size=batch_size, num_train=steps * batch_size,
                                    learning_rate=lr, warmup_steps=0, seed=42, output_dir=str(out), save_steps=0,
                                    disable_tqdm=True, metrics=["loss"], num_eval=4))
@@ -56,8 +56,11 @@ def with_choices(examples):
 
 
 def run(adapter: str | None = None, steps: int = 60, problems: int = 32, max_new_tokens: int = 48,
-        batch_size: int = 32, rounds: int = 2, warmup: int = 0, metrics=METRICS) -> dict:
-    from matryoshka_lora import load_matryoshka_model
+        batch_size: int = 32, rounds: int = 2, warmup: int = 0, metrics=METRICS, order: str = "none",
+        model_name: str = "smollm2-135m") -> dict:
+    """`order`: the deployment rule applied after loading: none | fold (`fold_p`) | svd (`svd_order`).
+    `model_name`: the base model (tests pass a tiny local one)."""
+    from matryoshka_lora import fold_p, load_matryoshka_model, svd_order
     from matryoshka_lora.core.models import load_model
     from matryoshka_lora.data.synthetic import generate_arith
     from matryoshka_lora.evaluation.match import completion_match
@@ -67,9 +70,11 @@ def run(adapter: str | None = None, steps: int = 60, problems: int = 32, max_new
     with tempfile.TemporaryDirectory() as tmp:
         if trained_here:
             log(f"sweep passes: training a matryoshka adapter for {steps} steps on arith")
-            adapter = str(trained_adapter(Path(tmp) / "run", steps))
-        base, tok = load_model("smollm2-135m", dtype="float32")
+            adapter = str(trained_adapter(Path(tmp) / "run", steps, model_name))
+        base, tok = load_model(model_name, dtype="float32")
         model = load_matryoshka_model(base, adapter).eval()
+    if order != "none":
+        {"fold": fold_p, "svd": svd_order}[order](model)
     examples = with_choices(generate_arith("test", problems, seed=0))
     todo = [0] + RANKS
     results: dict = {}
@@ -94,8 +99,8 @@ def run(adapter: str | None = None, steps: int = 60, problems: int = 32, max_new
                                                res["timings"].get("generation_draft"))
         return score
 
-    out = {"config": dict(model="smollm2-135m", adapter="matryoshka, trained here on arith" if trained_here else adapter,
-                          train_steps=steps if trained_here else None, problems=problems, ranks=todo, max_new_tokens=max_new_tokens,
+    out = {"config": dict(model=model_name, adapter="matryoshka, trained here on arith" if trained_here else adapter,
+                          train_steps=steps if trained_here else None, order=order, problems=problems, ranks=todo, max_new_tokens=max_new_tokens,
                           eval_batch_size=batch_size, rounds=rounds, warmup=warmup, threads=torch.get_num_threads()),
            "per_metric": {}}
     for metric in metrics:
@@ -146,12 +151,14 @@ def add_arguments(ap) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    ap.add_argument("--order", default="none", choices=["none", "fold", "svd"],
+                    help="Deployment rule applied to the adapter before the sweep.")
 
 
 def main(argv=None) -> dict:
     return benchmark_main(argv, __doc__, "sweep_passes", add_arguments, lambda args: run(
         args.adapter, args.steps, args.problems, args.max_new_tokens, args.batch_size, args.rounds,
-        metrics=args.metrics), table)
+        metrics=args.metrics, order=args.order), table)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Training step cost: plain PEFT LoRA against our lora / dylora / matryoshka, and the base-only floor.
 
+Ours run the fused LoRA forward (core/fused.py, the default); `matryoshka_unfused` runs PEFT's
+forward plus the P hook, the path before it. The optimizer is the Trainer's default,
+AdamW(fused=True) (`adamw_torch_fused`).
+
 One step = forward with labels + backward + AdamW step + zero_grad, at the same model, batch,
 sequence length, target modules ("all-linear") and R. All variants share the frozen base
 weights (one copy in memory) and start from the same adapter init (`torch.manual_seed` before
@@ -151,6 +155,7 @@ def run(shape: str = "smollm2-135m", ranks=(8, 32, 128), batch: int = 1, seq: in
         times = interleave(steps, rounds=rounds, warmup=warmup, device=device)
         out["per_r"][str(r)] = {
             "time": summarize(times, REFERENCE),
+            "tokens_per_s": {v: batch * seq / summarize(times, REFERENCE)[v]["median_s"] for v in variants},
             "peak_bytes": peaks,
             "memory_ratio": {v: peaks[v] / peaks[REFERENCE] for v in variants} if REFERENCE in peaks else {},
             "trainable_params": trainable,

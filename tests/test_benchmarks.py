@@ -16,7 +16,7 @@ from tiny_tokenizer import tiny_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, inference, rank_sweep, run_all, training_step  # noqa: E402
+from benchmarks import common, inference, rank_sweep, run_all, sweep_passes, training_step  # noqa: E402
 
 TIMING = {"median_s", "min_s", "max_s", "ratio_of_medians", "ratio_of_mins", "median_round_ratio", "round_ratio_quartiles", "round_ratios",
           "times_s"}
@@ -97,8 +97,11 @@ def test_run_all_quick_writes_the_full_structure(tmp_path):
     assert tables.count("| peft_lora |") == 1 and "merged_unloaded" in tables
 
 
-def test_each_module_runs_alone():
+def test_each_module_runs_alone(tiny_model_dir):
     assert "per_r" in training_step.run("tiny", ranks=(4,), batch=1, seq=8, rounds=1, variants=("peft_lora", "matryoshka"))
+    passes = sweep_passes.run(model_name=str(tiny_model_dir), steps=2, problems=3, max_new_tokens=4, batch_size=8,
+                              rounds=1)
+    assert passes["all_same"] and set(passes["ratios"]) == set(sweep_passes.METRICS)
     assert "sweep_ratio" in rank_sweep.run("tiny", r=2, layers=None, rounds=1, warmup=0, tokenizer=tiny_tokenizer())
     assert "per_k" in inference.run("tiny", r=4, ks=(2,), batch=1, seq=8, rounds=1, warmup=0)
 

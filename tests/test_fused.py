@@ -156,3 +156,18 @@ def test_deepcopy_keeps_each_copy_on_its_own_weights():
         assert layer.forward.__self__ is layer and (group is None or layer in group.layers)
     with torch.no_grad(), fast.disable_adapter():
         torch.testing.assert_close(base, fast(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_base_with_float32_adapter_matches_peft():
+    """PEFT keeps the adapter in float32 on a bf16 model, casts x up and the sum back down."""
+    models = []
+    for is_fused in (True, False):
+        base = BUILDERS["llama"](0).to(torch.bfloat16)
+        model = randomize_adapter(get_matryoshka_model(base, MatryoshkaConfig(r=8), fused=is_fused)).train()
+        assert next(layer for _, layer in lora_layers(model)).lora_A["default"].weight.dtype == torch.float32
+        models.append(model)
+    (logits_a, grads_a), (logits_b, grads_b) = (forward_backward(m) for m in models)
+    assert logits_a.dtype == torch.bfloat16
+    torch.testing.assert_close(logits_a, logits_b, atol=2e-2, rtol=2e-2)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=2e-2, rtol=2e-2, msg=name)

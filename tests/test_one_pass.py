@@ -40,9 +40,27 @@ def test_texts_equal_one_generation_per_rank(model_and_tokenizer, stop):
     assert texts == expected
     assert stats["draft_rank"] == 8 and stats["rows_checked"] == len(ids) * (len(RANKS) - 1)
     assert 0 < stats["rows_redecoded"] < stats["rows_checked"]  # some ranks follow the draft, some depart
+    assert not stats["decoded_directly"]
     assert model._mlora_controller.mode is None
     if len(stop) > 1:
         assert all("s" not in t for ts in texts.values() for t in ts)  # every text cut at its first "s"
+
+
+def test_a_rank_after_one_that_departed_is_decoded_directly(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_matryoshka_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), MatryoshkaConfig(r=8))
+    model = randomize_adapter(model, std=0.3).eval()  # ranks far apart: most rows depart at once
+    ids = prompts(tok)
+    texts, stats = generate_ranks(model, tok, ids, RANKS, ["Question:"], max_new_tokens=10, batch_size=4)
+    expected = {}
+    for k in RANKS:
+        with set_rank(model, k):
+            expected[k] = generate(model, tok, ids, ["Question:"], max_new_tokens=10, batch_size=4)
+    assert texts == expected
+    assert stats["decoded_directly"] and all(stats["redecoded"][str(above)] > 0.75 * len(ids) for above in
+                                             [RANKS[RANKS.index(k) + 1] for k in stats["decoded_directly"]])
 
 
 def test_sweep_scores_equal_with_and_without_the_draft(model_and_tokenizer):

@@ -63,6 +63,8 @@ class TrainConfig:
         metadata={"help": "Batch examples of similar length together (the Trainer's LengthGroupedSampler): less "
                           "padding, so faster steps when lengths vary; the order is still random per seed."})
     bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 mixed precision (GPUs/CPUs that support it)."})
+    fused_forward: bool = field(default=True, metadata={"help": "The fused LoRA forward (core/fused.py): PEFT's outputs "
+                                "and gradients in fewer ops, PEFT's forward where not exact. False: PEFT's everywhere."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
     report_to: str = field(default="none", metadata={"help": "Experiment tracker: none | tensorboard | wandb | ..."})
     logging_steps: int = field(default=10, metadata={"help": "Log the loss every N optimizer steps."})
@@ -327,7 +329,7 @@ def _build_trainer(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, c
     from transformers import DataCollatorForSeq2Seq
 
     torch.manual_seed(config.seed)
-    peft_model = get_matryoshka_model(model, adapter)
+    peft_model = get_matryoshka_model(model, adapter, fused=config.fused_forward)
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     callback = MatryoshkaCallback(Path(config.output_dir) / "snapshots", config.snapshot_steps, config.stop_after_steps)

@@ -60,10 +60,10 @@ class SharedInput:
         return version, tuple(w._version for w in weights), torch.is_grad_enabled()
 
     def bottleneck(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """`x @ A_index^T` of member `index`: (..., R)."""
+        """`x @ A_index^T` of member `index`, in the adapter's dtype: (..., R)."""
         weights = [peft_seam.factors(layer)[0] for layer in self.layers]  # each (R, m)
         if not self.shared:
-            return F.linear(x, weights[index])
+            return F.linear(x.to(weights[index].dtype), weights[index])
         if self._x is x and index not in self._served and self._key == self._state(x, weights):
             part = self._parts[index]
             self._served.add(index)
@@ -73,8 +73,8 @@ class SharedInput:
         if self._x is not None and self._x is not x:
             self.shared = False  # a member read another tensor before all had their slice
             self._x = self._key = self._parts = None
-            return F.linear(x, weights[index])
-        h = F.linear(x, torch.cat(weights))  # (..., n_members * R)
+            return F.linear(x.to(weights[index].dtype), weights[index])
+        h = F.linear(x.to(weights[0].dtype), torch.cat(weights))  # (..., n_members * R)
         self._x, self._key, self._served = x, self._state(x, weights), {index}
         self._parts = h.split([w.shape[0] for w in weights], dim=-1)
         return self._parts[index]
@@ -87,14 +87,16 @@ def fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             and peft_seam.bottleneck_hooks_only(layer, controller.hook_ids)):
         return peft_seam.peft_forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x, *args)  # (..., n)
+    A, B = peft_seam.factors(layer)  # (R, m), (n, R)
     group, index = layer._mlora_shared
-    h = group.bottleneck(index, x) if group is not None else F.linear(x, peft_seam.factors(layer)[0])  # (..., R)
+    h = group.bottleneck(index, x) if group is not None else F.linear(x.to(A.dtype), A)  # (..., R)
     p = controller.scale(layer._mlora_name, h)
     if p is not None:
         h = h * p
-    B = peft_seam.factors(layer)[1]  # (n, R)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.t())  # (tokens, n)
-    return out.view(result.shape)
+    flat = result.reshape(-1, result.shape[-1])  # (tokens, n)
+    if flat.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+        flat = flat.to(h.dtype)  # PEFT adds in the adapter's dtype too (a bf16 base with float32 adapters)
+    return torch.addmm(flat, h.reshape(-1, h.shape[-1]), B.t()).view(result.shape).to(result.dtype)
 
 
 def install(named_layers: Sequence[tuple[str, torch.nn.Module]]) -> int:

@@ -83,9 +83,10 @@ def bottleneck_hooks_only(layer: LoraLayer, hook_ids, adapter: str = ADAPTER) ->
 
 
 def plain_lora(layer: LoraLayer, x: torch.Tensor, kwargs: dict, adapter: str = ADAPTER) -> bool:
-    """True when PEFT's forward of `layer` on `x` is exactly `base(x) + lora_B(lora_A(x))` (scale 1):
+    """True when PEFT's forward of `layer` on `x` is exactly `base(x) + lora_B(lora_A(x))` (scale 1),
+    with `x` cast to the adapter's dtype where it differs and the sum cast back to the base output's:
     the one adapter active and unmerged, identity dropout, no DoRA or other variant, no LoRA bias,
-    no mixed-adapter batch, and `x` already in the adapter's dtype (PEFT would cast it)."""
+    no mixed-adapter batch."""
     return (not layer.disable_adapters and not layer.merged and not kwargs
             and layer.active_adapters == [adapter]
             and isinstance(layer.lora_dropout[adapter], torch.nn.Identity)
@@ -93,7 +94,7 @@ def plain_lora(layer: LoraLayer, x: torch.Tensor, kwargs: dict, adapter: str = A
             and not getattr(layer, "use_dora", {}).get(adapter, False)
             and layer.lora_B[adapter].bias is None
             and layer.scaling[adapter] == 1.0
-            and x.dtype == layer.lora_A[adapter].weight.dtype)
+            and (x.dtype == layer.lora_A[adapter].weight.dtype or getattr(layer, "cast_input_dtype_enabled", True)))
 
 
 def replace_forward(layer: LoraLayer, forward: Callable) -> None:
