@@ -28,7 +28,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-profile=deep
 
-# CPU benchmark suite (under 15 minutes on 2 cores): writes benchmarks/results/cpu.json.
+# CPU benchmark suite (about 18 minutes on 2 shared cores): writes benchmarks/results/cpu.json.
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 

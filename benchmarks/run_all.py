@@ -1,6 +1,7 @@
-"""The CPU benchmark suite (`make bench`): training step, rank sweep, inference -> results/cpu.json.
+"""The CPU benchmark suite (`make bench`): training step, rank sweep, inference, one-pass sweep ->
+results/cpu.json.
 
-Sizes are chosen so the suite fits in 15 minutes on 2 shared CPU cores; every comparison is a
+Sizes are chosen so the suite fits in about 18 minutes on 2 shared CPU cores; every comparison is a
 ratio between interleaved runs in this one process (see common.py), so load from other
 processes slows the suite down but should not move the ratios.
 

@@ -3,9 +3,9 @@
 `evaluate_ranks` scores the base model plus every rank of S = {1, 2, 4, 8, 16, 32} (7 models),
 with each metric two ways, in the same process, interleaved round by round:
 
-- `one_pass`: EvalConfig(one_pass=True), the default. loss and mc stack rows x ranks into the
-  same batches; generate decodes once at rank 32 and checks the other ranks against that draft
-  in one teacher-forced pass (evaluation/rank_generation.py); match is always one pass.
+- `one_pass`: EvalConfig(one_pass=True, draft_generation=True). loss and mc stack rows x ranks
+  into the same batches; generate decodes once at rank 32 and checks each rank against the rank
+  above it in one teacher-forced pass (evaluation/rank_generation.py); match is always one pass.
 - `by_rank`: one rank after another (EvalConfig(one_pass=False); for match, `completion_match`
   called once per rank).
 
@@ -81,7 +81,7 @@ def run(adapter: str | None = None, steps: int = 60, problems: int = 32, max_new
 
     def case(metric: str, one_pass: bool):
         config = EvalConfig(eval_ranks=RANKS, metrics=[metric], eval_batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, one_pass=one_pass)
+                            max_new_tokens=max_new_tokens, one_pass=one_pass, draft_generation=one_pass)
         if metric == "match" and not one_pass:
             encoded = _Prepared(tok, examples, (), config, False, 1024).match
 

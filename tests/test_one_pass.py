@@ -68,8 +68,8 @@ def test_sweep_scores_equal_with_and_without_the_draft(model_and_tokenizer):
     examples = [Example(prompt=f"Question: Tom has {a} apples. How many?\nAnswer:", completion=f" {a}\n#### {a}",
                         answer=str(a)) for a in range(6)]
     runs = [evaluate_ranks(model, tok, examples, EvalConfig(metrics=["generate"], max_new_tokens=8, eval_batch_size=4,
-                                                            one_pass=shared), chat_template=False, keep_items=True)
-            for shared in (True, False)]
+                                                            one_pass=shared, draft_generation=shared),
+                           chat_template=False, keep_items=True) for shared in (True, False)]
     assert runs[0]["items"] == runs[1]["items"] and runs[0]["per_rank"] == runs[1]["per_rank"]
     assert "generation_draft" in runs[0]["timings"] and "generation_draft" not in runs[1]["timings"]
 
