@@ -9,9 +9,10 @@ one multiply by P on the bottleneck (a hook on lora_A). Where that is exactly `b
 - no multiply where P is all ones (plain LoRA training, rank R of the rank rule);
 - B and the residual add as one `addmm`, and no multiply by PEFT's scale (it is 1).
 
-Anything else runs PEFT's own forward: dropout > 0, DoRA, merged or disabled adapters, another
-dtype, extra hooks on lora_A (calibration), `adapter_names` batches. The weights and the saved
-format are PEFT's either way; `set_fused(model, False)` switches back to PEFT's forward.
+An input in another dtype than the adapter is cast to it, and the sum back, as PEFT does. Anything
+else runs PEFT's own forward: dropout > 0, DoRA, LoRA bias, merged or disabled adapters, extra
+hooks on lora_A (calibration), `adapter_names` batches. The weights and the saved format are
+PEFT's either way; `set_fused(model, False)` switches back to PEFT's forward.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def install(named_layers: Sequence[tuple[str, torch.nn.Module]]) -> int:
-    """Give every layer the fused forward and group the ones that share an input; returns the
-    number of layers in a shared group."""
+    """Give every layer the fused forward and group the ones that share an input (`SHARED_INPUT`);
+    returns the number of layers in a group."""
     by_parent: dict[str, dict[str, torch.nn.Module]] = {}
     for name, layer in named_layers:
         parent, _, leaf = name.rpartition(".")

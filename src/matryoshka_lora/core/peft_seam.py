@@ -99,17 +99,13 @@ def plain_lora(layer: LoraLayer, x: torch.Tensor, kwargs: dict, adapter: str = A
 
 def replace_forward(layer: LoraLayer, forward: Callable) -> None:
     """Run `forward(layer, x, *args, **kwargs)` instead of PEFT's forward for this layer (a bound
-    method, so deep copies of the model call it on their own layer); `restore_forward` undoes it."""
+    method, so deep copies of the model call it on their own layer)."""
     layer.forward = types.MethodType(forward, layer)
 
 
 def peft_forward(layer: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's own forward of `layer` (whatever `replace_forward` installed)."""
     return type(layer).forward(layer, x, *args, **kwargs)
-
-
-def restore_forward(layer: LoraLayer) -> None:
-    layer.__dict__.pop("forward", None)
 
 
 def matches(pattern: str, name: str) -> bool:
