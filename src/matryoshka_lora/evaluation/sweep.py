@@ -42,10 +42,10 @@ class EvalConfig:
                           "always does). The same numbers as rank by rank; False scores one rank after another."})
     draft_generation: bool = field(
         default=False,
-        metadata={"help": "generate, with one_pass: decode once at the largest rank, check each rank against the rank above it in "
-                          "one teacher-forced pass, and decode on only where it departs (the same texts). It pays "
-                          "where neighbouring ranks agree: 0.75x rank by rank on an SVD-ordered adapter on CPU, but "
-                          "0.91-1.10x on adapters whose low ranks disagree (README, Performance)."})
+        metadata={"help": "generate, with one_pass: decode once at the largest rank, check each rank against the rank "
+                          "above it in one teacher-forced pass, and decode on only where it departs (the same texts). "
+                          "It pays where neighbouring ranks agree: 0.75x rank by rank on an SVD-ordered adapter on "
+                          "CPU, but 0.91-1.10x on adapters whose low ranks disagree (README, Performance)."})
     answer_regex: str | None = field(
         default=None,
         metadata={"help": "generate, free-form data: a regex whose first match (its first group, if any) is the answer, "
