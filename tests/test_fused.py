@@ -171,3 +171,13 @@ def test_bfloat16_base_with_float32_adapter_matches_peft():
     torch.testing.assert_close(logits_a, logits_b, atol=2e-2, rtol=2e-2)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=2e-2, rtol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_matches_peft(reentrant):
+    """Checkpointed blocks run forward again in backward: the shared bottleneck is recomputed, not reused."""
+    fast, slow = pair()
+    for model in (fast, slow):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+    assert_same(forward_backward(fast), forward_backward(slow))
