@@ -62,9 +62,10 @@ def run(adapter: str | None = None, steps: int = 60, problems: int = 32, max_new
     `model_name`: the base model (tests pass a tiny local one)."""
     from matryoshka_lora import fold_p, load_matryoshka_model, svd_order
     from matryoshka_lora.core.models import load_model
+    from matryoshka_lora.data.prompts import encode_examples
     from matryoshka_lora.data.synthetic import generate_arith
     from matryoshka_lora.evaluation.match import completion_match
-    from matryoshka_lora.evaluation.sweep import EvalConfig, _Prepared, evaluate_ranks
+    from matryoshka_lora.evaluation.sweep import EvalConfig, evaluate_ranks
 
     trained_here = adapter is None
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +84,7 @@ def run(adapter: str | None = None, steps: int = 60, problems: int = 32, max_new
         config = EvalConfig(eval_ranks=RANKS, metrics=[metric], eval_batch_size=batch_size,
                             max_new_tokens=max_new_tokens, one_pass=one_pass, draft_generation=one_pass)
         if metric == "match" and not one_pass:
-            encoded = _Prepared(tok, examples, (), config, False, 1024).match
+            encoded = encode_examples(tok, examples, chat_template=False, max_length=1024)
 
             def by_rank():
                 results[(metric, one_pass)] = {k: completion_match(model, encoded, [k], batch_size)[k] for k in todo}

@@ -153,9 +153,10 @@ def run(shape: str = "smollm2-135m", ranks=(8, 32, 128), batch: int = 1, seq: in
             peaks[v] = state + in_step
             trainable[v] = sum(p.numel() for p in m.parameters() if p.requires_grad)
         times = interleave(steps, rounds=rounds, warmup=warmup, device=device)
+        timing = summarize(times, REFERENCE)
         out["per_r"][str(r)] = {
-            "time": summarize(times, REFERENCE),
-            "tokens_per_s": {v: batch * seq / summarize(times, REFERENCE)[v]["median_s"] for v in variants},
+            "time": timing,
+            "tokens_per_s": {v: batch * seq / timing[v]["median_s"] for v in variants},
             "peak_bytes": peaks,
             "memory_ratio": {v: peaks[v] / peaks[REFERENCE] for v in variants} if REFERENCE in peaks else {},
             "trainable_params": trainable,

@@ -2,7 +2,6 @@
 (evaluation/rank_generation.py), row for row, and loss / multiple choice from stacked rows x ranks."""
 
 import pytest
-import torch
 from conftest import randomize_adapter
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, set_rank

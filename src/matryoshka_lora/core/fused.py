@@ -100,9 +100,8 @@ def fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return torch.addmm(flat, h.reshape(-1, h.shape[-1]), B.t()).view(result.shape).to(result.dtype)
 
 
-def install(named_layers: Sequence[tuple[str, torch.nn.Module]]) -> int:
-    """Give every layer the fused forward and group the ones that share an input (`SHARED_INPUT`);
-    returns the number of layers in a group."""
+def install(named_layers: Sequence[tuple[str, torch.nn.Module]]) -> None:
+    """Give every layer the fused forward and group the ones that share an input (`SHARED_INPUT`)."""
     by_parent: dict[str, dict[str, torch.nn.Module]] = {}
     for name, layer in named_layers:
         parent, _, leaf = name.rpartition(".")
@@ -110,7 +109,6 @@ def install(named_layers: Sequence[tuple[str, torch.nn.Module]]) -> int:
         layer._mlora_name = name
         layer._mlora_shared = (None, 0)
         peft_seam.replace_forward(layer, fused_forward)
-    grouped = 0
     for leaves in by_parent.values():
         for names in SHARED_INPUT:
             members = [leaves[n] for n in names if n in leaves]
@@ -118,5 +116,3 @@ def install(named_layers: Sequence[tuple[str, torch.nn.Module]]) -> int:
                 group = SharedInput(members)
                 for i, layer in enumerate(members):
                     layer._mlora_shared = (group, i)
-                grouped += len(members)
-    return grouped

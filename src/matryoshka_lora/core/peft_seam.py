@@ -76,10 +76,10 @@ def add_bottleneck_hook(layer: LoraLayer, hook: Callable, adapter: str = ADAPTER
     return layer.lora_A[adapter].register_forward_hook(hook, prepend=prepend)
 
 
-def bottleneck_hooks_only(layer: LoraLayer, hook_ids, adapter: str = ADAPTER) -> bool:
+def bottleneck_hooks_only(layer: LoraLayer, hook_ids: set[int], adapter: str = ADAPTER) -> bool:
     """True when lora_A runs no hook but the ones whose handle ids are in `hook_ids` (and no pre-hook)."""
     lora_A = layer.lora_A[adapter]
-    return not lora_A._forward_pre_hooks and set(lora_A._forward_hooks) <= set(hook_ids)
+    return not lora_A._forward_pre_hooks and lora_A._forward_hooks.keys() <= hook_ids
 
 
 def plain_lora(layer: LoraLayer, x: torch.Tensor, kwargs: dict, adapter: str = ADAPTER) -> bool:

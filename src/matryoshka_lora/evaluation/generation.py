@@ -23,7 +23,7 @@ from ..core.model import set_row_ranks
 from ..data.answers import exact_match, extract_answer, extract_flexible, extract_strict, is_correct
 
 
-def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -90,7 +90,7 @@ def generate_tokens(model, tokenizer, prompt_ids: Sequence[list[int]], stop: Seq
     tokens: list[list[int]] = [[] for _ in prompt_ids]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        input_ids, mask = _left_pad([prompt_ids[i] for i in idx], pad_id)
+        input_ids, mask = left_pad([prompt_ids[i] for i in idx], pad_id)
         with set_row_ranks(model, [row_ranks[i] for i in idx]) if row_ranks is not None else nullcontext():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, stop_strings=list(stop) or None, tokenizer=tokenizer,

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from ..core.model import set_row_ranks
-from .generation import decode_cut, eos_ids, generate_tokens, stop_position
+from .generation import decode_cut, eos_ids, generate_tokens, left_pad, stop_position
 
 DIRECT_AFTER = 0.75  # share of a rank's rows re-decoded above which the next rank skips its check
 
@@ -51,11 +51,8 @@ def first_disagreements(model, prompt_ids: Sequence[list[int]], drafts: Sequence
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         seqs = [prompt_ids[i] + drafts[i] for i, _ in chunk]
-        width, n_keep = max(len(q) for q in seqs), max(len(drafts[i]) for i, _ in chunk) + 1
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for b, q in enumerate(seqs):
-            ids[b, width - len(q):], mask[b, width - len(q):] = torch.tensor(q), 1
+        n_keep = max(len(drafts[i]) for i, _ in chunk) + 1
+        ids, mask = left_pad(seqs, 0)  # (B, T)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": n_keep} if keep else {}
         with set_row_ranks(model, [k for _, k in chunk]):

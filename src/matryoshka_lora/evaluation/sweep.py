@@ -103,12 +103,17 @@ def _score_texts(prep: _Prepared, texts: list[str]) -> dict:
     return {**scored["scores"], "_items": [dict(item, text=t) for item, t in zip(scored["items"], texts)]}
 
 
+def _score_generation(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar) -> dict:
+    """Generation scores at the model's current rank."""
+    return _score_texts(prep, generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens,
+                                       config.eval_batch_size, bar))
+
+
 def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar) -> dict:
     """Every metric at the model's current rank."""
     out: dict = {}
     if prep.gen is not None:
-        out.update(_score_texts(prep, generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens,
-                                               config.eval_batch_size, bar)))
+        out.update(_score_generation(model, tokenizer, prep, config, stop, bar))
     if prep.loss is not None:
         out.update(completion_loss(model, prep.loss, config.eval_batch_size))
     if prep.mc is not None:
@@ -129,8 +134,7 @@ def _score_all(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, rank
     elif prep.gen is not None:
         for k in ranks:
             with set_rank(model, k):
-                out[k].update(_score_texts(prep, generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens,
-                                                          config.eval_batch_size, bar)))
+                out[k].update(_score_generation(model, tokenizer, prep, config, stop, bar))
     if prep.loss is not None:
         for k, scores in completion_loss(model, prep.loss, config.eval_batch_size, ranks=ranks).items():
             out[k].update(scores)
