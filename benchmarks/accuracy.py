@@ -90,7 +90,7 @@ class Study:
             learning_rate=lr, warmup_steps=0.1, seed=seed, data_seed=0, num_eval=p["val_eval"],
             eval_batch_size=32, max_new_tokens=p["max_new_tokens"], metrics=["generate"], output_dir=str(out),
             disable_tqdm=True, logging_steps=max(1, steps // 4), save_steps=max(1, steps // 3),
-            save_total_limit=3, max_length=1024, **overrides))
+            save_total_limit=3, max_length=1024, deploy_order="none", **overrides))
 
     @property
     def ranks(self):

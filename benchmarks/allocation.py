@@ -50,7 +50,7 @@ MODEL = "smollm2-135m"
 # The demo's MatryoshkaLoRA run (demo.py: DEMO with DEMO_LRS["matryoshka"]).
 TRAIN = dict(model=MODEL, dataset="arith", method="matryoshka", r=32, ranks=[1, 2, 4, 8, 16, 32], max_steps=60,
              batch_size=8, num_train=480, learning_rate=1e-4, warmup_steps=0.1, lr_scheduler_type="linear",
-             logging_steps=10, seed=0)
+             logging_steps=10, seed=0, deploy_order="none")
 
 
 def log(msg: str) -> None:

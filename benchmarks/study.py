@@ -22,6 +22,9 @@ resume), so an interruption costs at most one segment.
   of the steps (snapshots and grid step scaled alike).
 - Final tables: greedy generation strict-match on the test split, a last phase per run once all
   the match results exist.
+- Candidate objectives (issue 19 item 4; CANDIDATES): run their grid like any method, then go on
+  to the curves and seeds only if their best validation AURAC and log-AURAC at the grid step beat
+  the best lora and dylora grid runs on both (the decision: <task>/candidates.json).
 
 Results: one small JSON per (task, method, lr, seed, steps, split, metric) under
 benchmarks/results/study/, written when that unit finishes (commit them as they come; adapters
@@ -63,17 +66,25 @@ METHODS = {
                          ["paper", "fold", "svd"]),
     # the mean of 6 rank losses gives each rank ~1/6 of the gradient: its grid sits ~3x higher
     "multirank@compute": ({"method": "multirank"}, [3e-4, 1e-3, 3e-3, 1e-2], 6, ["paper", "svd"]),
+    # issue 19 item 4, a candidate objective at LoRA's compute: each step deals half of the batch's
+    # rows to rank R and half to one other rank drawn from S; the rank-R half sees LoRA's grid
+    "multirank@split2": ({"method": "multirank", "multirank_rows": "split", "ranks_per_step": 2},
+                         [1e-4, 3e-4, 1e-3, 3e-3], 1, ["paper", "svd"]),
 }
+# New objectives go past their grid only if they beat the baselines there (kept only if they win)
+CANDIDATES = {"multirank@split2"}
+BASELINES = ("lora", "dylora")
 PRESETS = {
     "v2": dict(model="smollm2-135m", tasks=["arith", "wordops"], methods=list(METHODS),
-               task_methods={"wordops": ["lora", "dylora", "matryoshka", "multirank@compute"]},
+               task_methods={"wordops": ["lora", "dylora", "matryoshka", "multirank@compute", "multirank@split2"]},
                steps=600, snapshots=[75, 150, 300, 400, 600], grid_at=150, plateau_at=400, batch_size=16,
                n_val=200, n_test=400,
                seeds=[42, 666, 2408], grid_seed=42, max_new_tokens=64, eval_batch_size=64, extend=2),
     # the default-suite test: a tiny model, a few steps, two seeds
-    "tiny": dict(model=None, tasks=["arith"], methods=["lora", "matryoshka"], task_methods={}, steps=4,
+    "tiny": dict(model=None, tasks=["arith"], methods=["lora", "matryoshka", "multirank@split2"], task_methods={}, steps=4,
                  snapshots=[2, 4], grid_at=2, batch_size=4, n_val=4, n_test=6, seeds=[42, 666], grid_seed=42,
-                 max_new_tokens=12, eval_batch_size=16, extend=0, grid={"lora": [1e-3, 3e-3], "matryoshka": [1e-3, 3e-3]}),
+                 max_new_tokens=12, eval_batch_size=16, extend=0,
+                 grid={"lora": [1e-3, 3e-3], "matryoshka": [1e-3, 3e-3], "multirank@split2": [3e-3]}),
 }
 RULE_NAMES = {"paper": "", "fold": "+fold", "svd": "+svd"}
 
@@ -118,7 +129,7 @@ class Study:
             eval_batch_size=p["eval_batch_size"], max_new_tokens=p["max_new_tokens"], metrics=["match"],
             output_dir=str(self.run_dir(task, method, lr, seed)), disable_tqdm=True, logging_steps=25,
             save_steps=0, save_total_limit=1, snapshot_steps=[self.scaled(method, s) for s in p["snapshots"]],
-            group_by_length=True,
+            group_by_length=True, deploy_order="none",  # the rules are applied at scoring time
             stop_after_steps=until if until < steps else 0, max_length=1024, **overrides))
 
     def model(self):
@@ -216,15 +227,17 @@ class Study:
     def plan(self):
         """Units in priority order, task after task: the grids; the seed-42 runs along their whole
         schedule on validation (where each method plateaus); the final step count from those curves;
-        the test split at that step, seed after seed; last, generation strict-match on test."""
+        the test split at that step, seed after seed; last, generation strict-match on test. A candidate
+        objective (CANDIDATES) goes past its grid only if it beat the baselines there."""
         first = self.p["tasks"][0]
-        picked, finals = {}, {}
+        picked, finals, kept = {}, {}, {}
         for task in self.p["tasks"]:
             methods = self.p["task_methods"].get(task, self.p["methods"])
             for method in methods:
                 if method not in picked:
                     picked[method] = self.pick(first if method in self.p["task_methods"].get(first, self.p["methods"])
                                                else task, method)
+            methods = kept[task] = [m for m in methods if m not in CANDIDATES or self.candidate_kept(first, m, picked[m])]
             curves = {m: {step: self.score(task, m, picked[m], self.p["grid_seed"], step, "validation")
                           for step in self.p["snapshots"]} for m in methods}
             finals[task] = self.final_steps(task, curves)
@@ -236,8 +249,33 @@ class Study:
                                       ignore_errors=True)
         for task in self.p["tasks"]:
             for seed in self.p["seeds"]:
-                for method in self.p["task_methods"].get(task, self.p["methods"]):
+                for method in kept[task]:
                     self.score(task, method, picked[method], seed, finals[task], "test", "strict")
+
+    def candidate_kept(self, task, method, lr) -> bool:
+        """A candidate objective stays in the study when its best validation AURAC and log-AURAC at the
+        grid step (any rule, its picked rate) beat the best of every baseline's grid on both; the
+        decision is written to <task>/candidates.json."""
+        def best(m, key, rates):
+            return max(r[key] for lr_ in rates
+                       for r in self.score(task, m, lr_, self.p["grid_seed"], self.p["grid_at"], "validation")["rules"].values())
+
+        ours = {key: best(method, key, [lr]) for key in ("aurac", "log_aurac")}
+        base = {key: max(best(b, key, self.grid_rates(task, b)) for b in BASELINES if b in self.p["methods"])
+                for key in ours}
+        kept = all(ours[k] > base[k] for k in ours)
+        path = self.results / task / "candidates.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record[method] = {"kept": kept, "lr": lr, "grid_step": self.p["grid_at"], "candidate": ours, "best_baseline": base,
+                          "rule": "kept if its best AURAC and log-AURAC beat the best baseline grid run on both"}
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+        return kept
+
+    def grid_rates(self, task, method) -> list[float]:
+        """Every rate of the method's grid scored so far (extensions included)."""
+        folder = self.results / task / method
+        return sorted(float(d.name[2:]) for d in folder.glob("lr*")
+                      if (d / f"seed{self.p['grid_seed']}").is_dir()) or self.grid(method)
 
     def final_steps(self, task, curves) -> int:
         """The issue's cut: stop at `plateau_at` (400) if no method's validation AURAC (any rule, seed 42)
@@ -263,9 +301,10 @@ def collect(results: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(results.glob("*/*/lr*/seed*/step*.json"))]
 
 
-def summarize(rows: list[dict], preset: dict) -> dict:
+def summarize(rows: list[dict], preset: dict, dropped: frozenset = frozenset()) -> dict:
     """summary.json: per task, per variant at the final step on test (mean/std over seeds), plateau
-    curves on validation, and paired differences of the best variant against lora and dylora."""
+    curves on validation, and paired differences of the best variant against lora and dylora.
+    `dropped`: candidate objectives that lost at their grid (not needed for a complete task)."""
     out = {"protocol": {k: v for k, v in preset.items() if k != "grid"}, "ranks": RANKS, "tasks": {}}
     for task in preset["tasks"]:
         t_rows = [r for r in rows if r["task"] == task]
@@ -292,7 +331,8 @@ def summarize(rows: list[dict], preset: dict) -> dict:
         task_out = {"n_test": n_test, "metric": {"strict": "exact_match_strict", "match": "match"}[metric],
                     "methods": methods, "plateau": plateau(t_rows), "grid": grid_table(t_rows, preset)}
         full = [n for n, m in methods.items() if len(m["seeds"]) == len(preset["seeds"])]
-        wanted = {variant(m, rule) for m in preset["task_methods"].get(task, preset["methods"]) for rule in METHODS[m][3]}
+        wanted = {variant(m, rule) for m in preset["task_methods"].get(task, preset["methods"]) if m not in dropped
+                  for rule in METHODS[m][3]}
         task_out["complete"] = metric == "strict" and wanted <= set(full)
         if full:
             best = max(full, key=lambda n: methods[n]["aurac"]["mean"] + methods[n]["log_aurac"]["mean"])
@@ -367,6 +407,11 @@ def markdown(summary: dict) -> str:
     lines = [f"**Winner over all tasks (mean of AURAC and log-AURAC): {w['name']}** ({w['score']:.1f}; best on both "
              f"AURACs on every task: {'yes' if w['wins_everywhere'] else 'no'}). Defaults: {w['defaults']}.", ""] if w \
         else ["Study incomplete: no winner yet.", ""]
+    for name, d in summary.get("candidates", {}).items():
+        lines += [f"Candidate objective {name} (lr {d['lr']:g}, validation at step {d['grid_step']}): "
+                  f"{'kept' if d['kept'] else 'dropped'}: AURAC {d['candidate']['aurac']:.1f} / log-AURAC "
+                  f"{d['candidate']['log_aurac']:.1f} against the best baseline grid run's "
+                  f"{d['best_baseline']['aurac']:.1f} / {d['best_baseline']['log_aurac']:.1f}.", ""]
     for task, t in summary["tasks"].items():
         lines += [f"### {task}: test split, {t['n_test']} problems, {t['metric']} (%), mean ± std over seeds", "",
                   "| method | lr | steps | seeds | " + " | ".join(f"r={k}" for k in summary["ranks"])
@@ -393,7 +438,10 @@ def markdown(summary: dict) -> str:
 
 
 def write_summary(results: Path, preset: dict) -> dict:
-    summary = summarize(collect(results), preset)
+    record = results / preset["tasks"][0] / "candidates.json"
+    decisions = json.loads(record.read_text()) if record.is_file() else {}
+    summary = summarize(collect(results), preset, frozenset(m for m, d in decisions.items() if not d["kept"]))
+    summary["candidates"] = decisions
     for task, t in summary["tasks"].items():  # how the final step count was chosen (Study.final_steps)
         record = results / task / "final_steps.json"
         t["final_steps"] = json.loads(record.read_text()) if record.is_file() else None

@@ -36,7 +36,8 @@ def trained_adapter(out: Path, steps: int, model: str = "smollm2-135m", batch_si
     run = RunConfig.from_flat(dict(model=model, dataset="arith", r=32, ranks=RANKS, chat_template=False,
                                    max_steps=steps, batch_size=batch_size, num_train=steps * batch_size,
                                    learning_rate=lr, warmup_steps=0, seed=42, output_dir=str(out), save_steps=0,
-                                   disable_tqdm=True, metrics=["loss"], num_eval=4))
+                                   disable_tqdm=True, metrics=["loss"], num_eval=4,
+                                   deploy_order="none"))
     train(run)
     return out / "adapter"
 

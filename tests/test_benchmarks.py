@@ -26,6 +26,7 @@ def test_interleave_rotates_the_order_and_summarize_takes_per_round_ratios():
     calls = []
     times = common.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up, round 0, round 1 (rotated)
+    assert {name: len(t) for name, t in times.items()} == {"a": 2, "b": 2}  # one time per round, warm-up left out
     summary = common.summarize({"ref": [1.0, 2.0, 4.0], "x": [1.5, 2.0, 4.4]}, reference="ref")
     assert summary["x"]["round_ratios"] == [1.5, 1.0, 1.1]
     assert summary["x"]["median_round_ratio"] == pytest.approx(1.1)

@@ -81,6 +81,9 @@ def test_train_with_a_compare_config_warns_and_uses_the_single_run_options(tiny_
     ({"seeds": [42, 42]}, r"seeds=\[42, 42\] repeats a seed"),
     ({"seeds": 42}, r"seeds=42 must be a non-empty list of integers"),
     ({"seeds": [1], "learning_rate": -1.0}, r"learning_rate=-1.0 must be > 0"),  # run and compare problems together
+    ({"methods": ["lora+sdv"]}, r"Unknown deployment rule in 'lora\+sdv'. Available: lora, lora\+fold, lora\+svd"),
+    ({"methods": ["dylora+fold"]}, r"'dylora\+fold': fold needs a fixed P; use dylora\+svd"),
+    ({"methods": ["lora"], "deploy_order": "svd"}, r"takes each method's rule from its name: methods lora\+svd"),
 ])
 def test_invalid_compare_options_name_the_fix(values, message):
     with pytest.raises(ValueError, match=message):
@@ -101,3 +104,22 @@ def test_a_loss_metric_picks_the_lowest_validation_aurac(tiny_model_dir, tmp_pat
     lr, grid = pick_learning_rate(SharedBase(run), run, "lora", config, tmp_path)
     loss_aurac = {g["learning_rate"]: g["validation_aurac"] for g in grid}
     assert loss_aurac[3e-2] < loss_aurac[1e-5] and lr == 3e-2  # the larger rate learnt more: lower held-out loss
+
+
+def test_a_method_with_a_rule_is_the_same_training_saved_in_that_order(tiny_model_dir, tmp_path, caplog):
+    """`lora` and `lora+svd` train the same adapter; the second is saved in SVD order: the same at full rank."""
+    run, config = split_options({
+        "model": str(tiny_model_dir), "dataset": "arith", "num_train": 8, "num_eval": 4, "max_steps": 2,
+        "batch_size": 4, "r": 4, "ranks": [1, 2, 4], "max_length": 1024, "disable_tqdm": True, "metrics": ["loss"],
+        "learning_rate": 1e-2, "methods": ["lora", "lora+svd"]})
+    from matryoshka_lora.comparison import compare
+
+    res = compare(run, config, tmp_path)
+    plain, ordered = res["methods"]["lora"], res["methods"]["lora+svd"]
+    assert ordered["per_rank"]["4"]["loss"] == pytest.approx(plain["per_rank"]["4"]["loss"], rel=1e-5)
+    assert ordered["per_rank"]["1"]["loss"] != pytest.approx(plain["per_rank"]["1"]["loss"], rel=1e-5)
+    curves = [json.loads((run_dir(tmp_path, m, 1e-2, 0) / "loss_curve.json").read_text()) for m in ("lora", "lora+svd")]
+    assert curves[0] == curves[1]
+    saved = [json.loads((run_dir(tmp_path, m, 1e-2, 0) / "adapter" / "matryoshka_config.json").read_text())
+             for m in ("lora", "lora+svd")]
+    assert saved[0].get("svd_from") is None and saved[1]["svd_from"] == "lora"

@@ -46,6 +46,7 @@ SHARED = {  # every paper config: key -> (value, source)
     "r": None, "ranks": None,
     "scaling": ("none", SPEC),  # s = 1; the others are its ablation
     "init": ("paper", ISSUE), "dylora_draw": ("micro_batch", ISSUE),
+    "deploy_order": ("none", SPEC),  # "After training, P is dropped": rank k runs s_k A_k B_k as trained
     "methods": (METHODS, SPEC), "seeds": (SEEDS, ISSUE),
     "num_train_epochs": (3, ISSUE), "warmup_steps": (0, ISSUE),
     "chat_template": (False, ISSUE), "max_length": (512, ISSUE), "truncation": (True, ISSUE),
@@ -131,3 +132,12 @@ def test_unknown_key_lists_valid_ones(tmp_path):
 def test_yaml_scientific_notation_is_a_number(tmp_path):
     (tmp_path / "lr.yaml").write_text("learning_rate: 1e-4\n")  # PyYAML reads this as the string '1e-4'
     assert RunConfig.from_flat(load_yaml(tmp_path / "lr.yaml")).train.learning_rate == 1e-4
+
+
+def test_demo_config_is_what_make_demo_runs():
+    from matryoshka_lora.demo import DEMO, METHOD_LRS, default_variant
+
+    run, compare = split_options(load_yaml(ROOT / "configs" / "demo-smollm2-arith.yaml"))
+    assert run == RunConfig.from_flat(DEMO)
+    assert compare.methods == ["lora", "dylora", default_variant()]
+    assert compare.lr == {name: [METHOD_LRS[name.split("+")[0]]] for name in compare.methods}

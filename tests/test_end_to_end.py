@@ -25,13 +25,13 @@ def test_train_then_eval(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", *common(tiny_model_dir, tmp_path / "run"), "--adapter", str(adapter),
                  "--metrics", "generate,loss", "--out", str(tmp_path / "ev")]) == 0
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert res["ranks"] == [1, 2, 4] and set(res["methods"]) == {"dylora"}
-    per_rank = res["methods"]["dylora"]["per_rank"]
+    assert res["ranks"] == [1, 2, 4] and set(res["methods"]) == {"dylora+svd"}  # saved in SVD order (the default)
+    per_rank = res["methods"]["dylora+svd"]["per_rank"]
     assert set(per_rank) == {"1", "2", "4"} and {"exact_match_strict", "exact_match_flexible", "loss"} <= set(per_rank["1"])
     assert res["base"]["loss"] > 0
     # the adapter changes the model: rank 4 loss differs from the base model's
     assert per_rank["4"]["loss"] != pytest.approx(res["base"]["loss"], abs=1e-6)
-    assert "| dylora |" in capsys.readouterr().out
+    assert "| dylora+svd |" in capsys.readouterr().out
 
 
 def test_compare_writes_consistent_json_table_plot(tiny_model_dir, tmp_path):

@@ -103,7 +103,8 @@ def test_free_form_task_is_scored_at_every_rank(tiny_model_dir, tmp_path):
         model=str(tiny_model_dir), dataset=str(data), test_file=str(data), validation_size=0, r=4, ranks=[1, 2, 4],
         method="lora", target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], learning_rate=3e-2,
         max_steps=40, batch_size=4, warmup_steps=0, chat_template=False, max_length=64, metrics=["generate"],
-        max_new_tokens=6, eval_batch_size=4, disable_tqdm=True, logging_steps=10, output_dir=str(tmp_path / "run")))
+        max_new_tokens=6, eval_batch_size=4, disable_tqdm=True, logging_steps=10, output_dir=str(tmp_path / "run"),
+        deploy_order="none"))
     base, tokenizer = load_model(str(tiny_model_dir))
     result = train(run, base, tokenizer)
     res = evaluate(run, result.adapter_dir, "test", model=result.model, tokenizer=tokenizer, keep_items=True)

@@ -116,3 +116,38 @@ def test_multirank_with_activation_checkpointing_equals_without(batch, tmp_path)
     g, g_ref = grads(ckpt), grads(plain)
     for name in g:
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5)
+
+
+def split_model(ranks, **extra):
+    config = MatryoshkaConfig(r=8, ranks=ranks, method="multirank", scaling="sqrt", multirank_rows="split", **extra)
+    return randomize_adapter(get_matryoshka_model(BUILDERS["llama"](0), config)).train()
+
+
+def test_split_rows_on_copies_of_one_row_equal_the_stacked_exact_objective(batch, tmp_path):
+    """Dealing |S| copies of a row over the ranks is the stacked batch of that row, in another row order."""
+    one = {k: v[:1] for k, v in batch.items()}
+    copies = {k: v[:1].repeat(3, 1) for k, v in batch.items()}
+    stacked, split = build("multirank", [1, 2, 8]), split_model([1, 2, 8])
+    torch.testing.assert_close(trainer_loss(split, copies, tmp_path), trainer_loss(stacked, one, tmp_path))
+    g, g_ref = grads(split), grads(stacked)
+    assert g
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5)
+
+
+def test_split_rows_deal_every_rank_evenly_and_reproducibly():
+    controller = split_model([1, 2, 4, 8])._mlora_controller
+    deals = {(step, micro): controller.split_rows(step, micro, 6) for step in range(20) for micro in range(2)}
+    for rows in deals.values():
+        assert sorted(rows.count(k) for k in (1, 2, 4, 8)) == [1, 1, 2, 2]  # 6 rows over 4 ranks
+    assert len({tuple(rows) for rows in deals.values()}) == 4  # the offset moves with (step, micro-batch)
+    assert deals == {key: controller.split_rows(*key, 6) for key in deals}  # a pure function of them
+    drawn = split_model([1, 2, 4, 8], ranks_per_step=2)._mlora_controller
+    assert set(drawn.split_rows(3, 0, 5)) == set(drawn.step_ranks(3))  # dealt over the step's ranks only
+
+
+@pytest.mark.parametrize("extra,message", [({"method": "lora", "multirank_rows": "split"}, "method='multirank' only"),
+                                           ({"method": "multirank", "multirank_rows": "spilt"}, "Available: stack")])
+def test_multirank_rows_is_validated(extra, message):
+    with pytest.raises(ValueError, match=message):
+        MatryoshkaConfig(r=8, ranks=[1, 2, 4, 8], **extra)

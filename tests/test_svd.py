@@ -1,5 +1,6 @@
 """SVD order: the full-rank product is unchanged, prefixes are Eckart-Young optimal, plain PEFT LoRA comes in."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,7 @@ from conftest import BUILDERS, make_model, randomize_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from matryoshka_lora import (
+    MatryoshkaConfig,
     export_rank,
     fold_p,
     load_matryoshka_model,
@@ -179,3 +181,13 @@ def test_deploy_order_fold_refuses_dylora(tiny_model_dir, tmp_path, capsys):
             "--deploy-order", "fold"]
     assert cli_main(argv) == 2
     assert "deploy_order='svd'" in capsys.readouterr().err
+
+
+def test_labels_name_the_method_and_its_reordering():
+    from matryoshka_lora.deploy.svd import ordered_config
+
+    c = MatryoshkaConfig(r=4, method="dylora")
+    assert c.label() == "dylora" and ordered_config(c).label() == "dylora+svd"
+    folded = dataclasses.replace(MatryoshkaConfig(r=4, method="matryoshka"), folded_from="matryoshka")
+    assert folded.label() == "matryoshka+fold" and ordered_config(folded).label() == "matryoshka+fold+svd"
+    assert ordered_config(ordered_config(c)).label() == "dylora+svd"  # SVD order of SVD order: the same

@@ -354,7 +354,8 @@ COMMANDS = {  # name -> (library call, help, functions adding its flags)
              [add_run_options, _eval_options]),
     "compare": (_compare, "Train and evaluate several methods on the same data; one combined table.",
                 [add_run_options, _compare_options]),
-    "demo": (_demo, "Compare LoRA, DyLoRA and MatryoshkaLoRA on the embedded SmolLM2-135M and arithmetic task.",
+    "demo": (_demo, "Train the default (MatryoshkaLoRA in SVD order), LoRA and DyLoRA on the embedded "
+                    "SmolLM2-135M and arithmetic task; score every rank.",
              [_demo_options]),
     "export": (_export, "Write rank-k prefixes of a nested adapter as plain PEFT LoRA adapters (no base model needed).",
                [_export_args]),

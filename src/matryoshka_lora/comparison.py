@@ -11,6 +11,10 @@ The protocol, per method:
    (sample std, n - 1) over seeds at each rank and for AURAC / log-AURAC. AURAC is linear in the
    accuracies, so the mean of the seeds' AURACs is the AURAC of the mean curve.
 
+A method may carry the rule its adapter is saved in (`deploy_order`): `lora` is LoRA as trained,
+`lora+svd` the same training saved in SVD order, `matryoshka+fold` with P folded in. The rule is
+part of the name, so one table compares training methods and deployment rules side by side.
+
 Runs live in `<out>/<method>/lr<lr>/seed<seed>/` (adapter, checkpoints, `eval_<split>.json`). A
 finished run is reused from its `eval_<split>.json` and a trained one from its adapter, and a run
 killed mid-training continues from its latest checkpoint, so an interrupted compare resumes.
@@ -37,6 +41,7 @@ from .core.saving import load_matryoshka_model
 from .core.weighting import METHODS
 from .evaluation.report import higher_is_better, write_results
 from .experiment import RunConfig, check_inputs, evaluate, flat_fields, load_model_for, train
+from .training import DEPLOY_ORDERS
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,9 @@ class CompareConfig:
     """What `mlora compare` runs besides the shared run options: methods, learning-rate grids, seeds."""
 
     methods: list[str] = field(default_factory=lambda: ["lora", "dylora", "matryoshka"],
-                               metadata={"help": "Methods to train, e.g. lora,dylora,matryoshka."})
+                               metadata={"help": "Methods to train, each optionally with the rule its adapter is saved "
+                                                 "in: METHOD[+fold|+svd], e.g. lora,dylora,matryoshka+svd (a bare name "
+                                                 "is the adapter as trained; the deploy_order option is not used)."})
     lr: dict[str, list[float]] | None = field(
         default=None,
         metadata={"help": "Per method, one learning rate or a grid picked by mean validation AURAC over the seeds. "
@@ -61,9 +68,17 @@ class CompareConfig:
         problems = []
         if isinstance(self.methods, str):
             self.methods = [m for m in self.methods.split(",") if m]
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if variant_parts(m)[0] not in METHODS]
         if unknown or not self.methods:
-            problems.append(f"Unknown method(s) {unknown or self.methods!r}. Available: {', '.join(METHODS)}.")
+            problems.append(f"Unknown method(s) {unknown or self.methods!r}. Available: {', '.join(METHODS)}, each "
+                            "optionally +fold or +svd.")
+        for name in [m for m in self.methods if m not in unknown]:
+            method, rule = variant_parts(name)
+            if name != method and rule not in DEPLOY_ORDERS[1:]:
+                problems.append(f"Unknown deployment rule in {name!r}. Available: {method}, "
+                                + ", ".join(f"{method}+{r}" for r in DEPLOY_ORDERS[1:]) + ".")
+            elif rule == "fold" and method in ("dylora", "multirank"):
+                problems.append(f"{name!r}: fold needs a fixed P; use {method}+svd.")
         if len(set(self.methods)) != len(self.methods):
             problems.append(f"methods={self.methods} names a method twice.")
         if self.lr is not None:
@@ -92,6 +107,13 @@ class CompareConfig:
         return list(self.seeds or [default])
 
 
+def variant_parts(name: str) -> tuple[str, str]:
+    """A compare method name -> (training method, deploy_order): `lora` -> ("lora", "none"),
+    `matryoshka+svd` -> ("matryoshka", "svd")."""
+    method, plus, rule = name.partition("+")
+    return method, rule if plus else "none"
+
+
 def _rates(method: str, value, problems: list[str]) -> list[float]:
     values = value if isinstance(value, (list, tuple)) else [value]
     try:
@@ -117,6 +139,10 @@ def split_options(values: dict) -> tuple[RunConfig, CompareConfig]:
     if unknown:
         valid = sorted([*flat_fields(), *COMPARE_KEYS])
         raise ValueError(f"Unknown option(s) {unknown}. Valid options: {', '.join(valid)}")
+    if values.get("deploy_order", "none") != "none":
+        raise ValueError(f"deploy_order={values['deploy_order']!r} is a single-run option; `mlora compare` takes "
+                         "each method's rule from its name: methods lora+svd,matryoshka+fold,... (a bare name is "
+                         "the adapter as trained).")
     problems, built = [], []
     for build, keys in ((RunConfig.from_flat, [k for k in values if k not in COMPARE_KEYS]),
                         (lambda d: CompareConfig(**d), [k for k in values if k in COMPARE_KEYS])):
@@ -152,7 +178,9 @@ class SharedBase:
         Give the model back with `release(model)` before the next run.
         """
         folder = run_dir(out, method, lr, seed)
-        return self.trained(run.replace(method=method, learning_rate=lr, seed=seed, output_dir=str(folder), **flat))
+        trained, rule = variant_parts(method)
+        return self.trained(run.replace(method=trained, deploy_order=rule, learning_rate=lr, seed=seed,
+                                        output_dir=str(folder), **flat))
 
     def trained(self, run: RunConfig) -> tuple[torch.nn.Module, RunConfig]:
         """The adapter of the run in `run.output_dir`: loaded if it finished, else trained (a run killed

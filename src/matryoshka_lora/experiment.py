@@ -253,7 +253,7 @@ def evaluate(run: RunConfig, adapter_dir: str | Path | None = None, split: str =
         adapter_dir: A saved nested adapter (ignored when `model` is already a matryoshka model).
         split: validation | test.
         model, tokenizer: Reuse an already loaded model.
-        method_name: Row name in the table (default: the adapter's method).
+        method_name: Row name in the table (default: the adapter's method and re-ordering, e.g. dylora+svd).
         out_dir: Where results.json/.md/.png go (None: nothing written).
 
     Returns:
@@ -272,7 +272,7 @@ def evaluate(run: RunConfig, adapter_dir: str | Path | None = None, split: str =
                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad) or _adapter_params(model),
                  timings=sweep["timings"])
     results = {"metric": sweep["metric"], "split": split, "ranks": sweep["ranks"], "base": sweep["base"],
-               "methods": {method_name or controller.config.method: entry},
+               "methods": {method_name or controller.config.label(): entry},
                "config": {"model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data),
                           "eval": dataclasses.asdict(run.eval), "adapter": controller.config.to_dict()}}
     if keep_items:

@@ -6,7 +6,9 @@ We add one callback and one `training_step`, nothing else of the Trainer's loop:
   through the backward so activation checkpointing recomputes the same forward), so one
   forward/backward gives the exact mean of the |S| rank losses, at |S| times the compute. With
   `ranks_per_step = n` it stacks n copies: the largest rank plus n - 1 drawn from the rest of S
-  per step (a pure function of (seed, step)).
+  per step (a pure function of (seed, step)). With `multirank_rows = "split"` it does not stack:
+  the batch's rows are dealt out over the step's ranks, one rank per row, at the compute of one
+  LoRA step.
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
   under gradient accumulation), or with `dylora_draw="micro_batch"` one per micro-batch (again
   at `on_substep_end`, after each micro-batch but the step's last). The draw is a pure function
@@ -80,11 +82,12 @@ class TrainConfig:
         metadata={"help": "Stop after this many optimizer steps but keep the learning-rate schedule of max_steps, "
                           "writing a checkpoint there; continue later with --resume (0: run to the end)."})
     deploy_order: str = field(
-        default="none",
-        metadata={"help": "How the final adapter's rank prefixes are ordered when it is saved: none (as trained; rank "
-                          "k runs the paper's s_k A_k B_k) | fold (the training P folded into lora_A: rank k is the "
-                          "prefix of A diag(P) B; fixed-P methods) | svd (SVD order: rank k is the best rank-k cut of "
-                          "the trained delta). Checkpoints and snapshots keep the trained factors."})
+        default="svd",
+        metadata={"help": "How the final adapter's rank prefixes are ordered when it is saved: svd (SVD order: rank k "
+                          "is the best rank-k cut of the trained delta; the best rule measured so far, README "
+                          "'Which method should I use?') | fold (the training P folded into lora_A: rank k is the "
+                          "prefix of A diag(P) B; fixed-P methods) | none (as trained; rank k runs the paper's "
+                          "s_k A_k B_k: the paper's protocol). Checkpoints and snapshots keep the trained factors."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest complete checkpoint in output_dir (same options as the run it continues)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
@@ -206,7 +209,15 @@ class MultirankLoss:
         controller = get_controller(model)
         if controller.config.method != "multirank":
             return super().training_step(model, inputs, num_items_in_batch)
-        ranks = controller.step_ranks(self.state.global_step)
+        step = self.state.global_step
+        if controller.config.multirank_rows == "split":
+            last_step, last = getattr(self, "_micro_batch", (None, -1))
+            index = last + 1 if last_step == step else 0  # the micro-batch's index within the step
+            self._micro_batch = (step, index)
+            batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
+            with set_row_ranks(model, controller.split_rows(step, index, batch)):
+                return super().training_step(model, inputs, num_items_in_batch)
+        ranks = controller.step_ranks(step)
         stacked, rows = stack_for_ranks(inputs, ranks)
         if num_items_in_batch is not None:  # every copy has the same label tokens
             num_items_in_batch = num_items_in_batch * len(ranks)

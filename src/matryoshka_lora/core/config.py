@@ -14,6 +14,7 @@ from .weighting import check_schedule, default_ranks
 CONFIG_NAME = "matryoshka_config.json"
 INITS = ("peft", "paper")
 DYLORA_DRAWS = ("step", "micro_batch")
+MULTIRANK_ROWS = ("stack", "split")
 
 
 @dataclass
@@ -44,6 +45,13 @@ class MatryoshkaConfig:
         metadata={"help": "multirank only: train this many ranks per step, the largest rank in S plus ones drawn at "
                           "random from the rest (the same on every process); a step then costs ranks_per_step LoRA "
                           "steps instead of |S|. Default: all of S (the exact objective)."},
+    )
+    multirank_rows: str = field(
+        default="stack",
+        metadata={"help": "multirank only: stack (every row at every rank of the step: the exact mean of the rank "
+                          "losses, at that many times the compute) | split (the batch's rows dealt out over the "
+                          "step's ranks, one rank per row: an unbiased estimate of the same mean at the compute of "
+                          "one LoRA step)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for the DyLoRA rank draws (a pure function of the seed and the step, "
                                                    "so every process draws the same rank)."})
@@ -108,6 +116,11 @@ class MatryoshkaConfig:
                                 f"remove it or set method='multirank'.")
             elif not isinstance(self.ranks_per_step, int) or not 1 <= self.ranks_per_step <= (n or 1):
                 problems.append(f"  - ranks_per_step={self.ranks_per_step!r} must be an integer from 1 to |S|={n}.")
+        if self.multirank_rows not in MULTIRANK_ROWS:
+            problems.append(f"  - Unknown multirank_rows {self.multirank_rows!r}. Available: {', '.join(MULTIRANK_ROWS)}.")
+        elif self.multirank_rows != "stack" and self.method != "multirank":
+            problems.append(f"  - multirank_rows={self.multirank_rows!r} is for method='multirank' only; remove it or "
+                            "set method='multirank'.")
         if not isinstance(self.seed, int):
             problems.append(f"  - seed={self.seed!r} must be an integer.")
         t = self.target_modules
@@ -120,6 +133,12 @@ class MatryoshkaConfig:
             problems.append(f"  - folded_from={self.folded_from!r} must be a method name, or None.")
         if problems:
             raise ValueError("Invalid MatryoshkaConfig:\n" + "\n".join(problems))
+
+    def label(self) -> str:
+        """This adapter's row name in tables: its method and how it was re-ordered, e.g. dylora+svd."""
+        if self.svd_from:
+            return f"{self.svd_from}+svd"
+        return f"{self.folded_from}+fold" if self.folded_from else self.method
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -131,6 +131,16 @@ class RankController:
         rest = [q for q in c.ranks if q != top]
         return sorted(random.Random(f"{c.seed}:multirank:{step}").sample(rest, n - 1) + [top])
 
+    def split_rows(self, step: int, micro_batch: int, batch: int) -> list[int]:
+        """multirank with multirank_rows="split": the rank of each of the `batch` rows of one micro-batch.
+
+        The step's ranks are dealt out in turn from an offset drawn as a pure function of (seed, step,
+        micro_batch), so each rank gets batch // n or one more rows and every process deals alike.
+        """
+        ranks = self.step_ranks(step)
+        offset = random.Random(f"{self.config.seed}:rows:{step}:{micro_batch}").randrange(len(ranks))
+        return [ranks[(offset + i) % len(ranks)] for i in range(batch)]
+
     def __call__(self, name: str):
         """A forward hook for layer `name` that scales the bottleneck by P."""
 

@@ -86,7 +86,7 @@ def merged_card(base: str | None, rank, default: int | None, adapter_dir, config
     """The card of a merged model: base model, the merged rank, and the nested adapter it came from."""
     rows = [("base model", f"`{base}`" if base else "not recorded"),
             ("merged rank", str(rank) if not isinstance(rank, Mapping) else f"per layer {dict(rank)}, default {default}"),
-            ("source", f"nested adapter `{adapter_dir}`: method {config.method}, r = {config.r}, "
+            ("source", f"nested adapter `{adapter_dir}`: method {config.label()}, r = {config.r}, "
                        f"trained ranks {', '.join(map(str, config.ranks))}")]
     usage = "## Load\n\n```python\nfrom transformers import AutoModelForCausalLM\n" \
             "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/dir\")\n```"

@@ -224,7 +224,7 @@ def harness_sweep(
     finally:
         model.train(was_training)
 
-    name = method_name or controller.config.method
+    name = method_name or controller.config.label()
     entry = method_summary(per_rank, headline)
     entry.update(r=controller.config.r, timings={"per_rank_s": rank_s})
     info = first.get("config", {})
