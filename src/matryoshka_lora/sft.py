@@ -5,11 +5,12 @@ Nothing of TRL's loop changes. P lives in forward hooks on the LoRA layers, so `
 - dylora: the rank draw, `MatryoshkaCallback` (one draw per optimizer step, or per micro-batch);
 - multirank: the row-stacked mean of the rank losses, the `MultirankLoss` mixin.
 
-    from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, save_matryoshka
+    from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, save_matryoshka, svd_order
     from matryoshka_lora.sft import sft_trainer
     model = get_matryoshka_model(base, MatryoshkaConfig(r=32, method="dylora"))
     trainer = sft_trainer(model, args=SFTConfig(...), train_dataset=data, processing_class=tok)
     trainer.train()
+    svd_order(model)  # mlora train's default deployment rule (TrainConfig.deploy_order)
     save_matryoshka(model, "adapter")
 """
 
