@@ -81,8 +81,8 @@ PRESETS = {
                n_val=200, n_test=400,
                seeds=[42, 666, 2408], grid_seed=42, max_new_tokens=64, eval_batch_size=64, extend=2),
     # the default-suite test: a tiny model, a few steps, two seeds
-    "tiny": dict(model=None, tasks=["arith"], methods=["lora", "matryoshka", "multirank@split2"], task_methods={}, steps=4,
-                 snapshots=[2, 4], grid_at=2, batch_size=4, n_val=4, n_test=6, seeds=[42, 666], grid_seed=42,
+    "tiny": dict(model=None, tasks=["arith"], methods=["lora", "matryoshka", "multirank@split2"], task_methods={},
+                 steps=4, snapshots=[2, 4], grid_at=2, batch_size=4, n_val=4, n_test=6, seeds=[42, 666], grid_seed=42,
                  max_new_tokens=12, eval_batch_size=16, extend=0,
                  grid={"lora": [1e-3, 3e-3], "matryoshka": [1e-3, 3e-3], "multirank@split2": [3e-3]}),
 }
@@ -236,7 +236,8 @@ class Study:
                 if method not in picked:
                     picked[method] = self.pick(first if method in self.p["task_methods"].get(first, self.p["methods"])
                                                else task, method)
-            methods = kept[task] = [m for m in methods if m not in CANDIDATES or self.candidate_kept(first, m, picked[m])]
+            methods = kept[task] = [m for m in methods
+                                    if m not in CANDIDATES or self.candidate_kept(first, m, picked[m])]
             curves = {m: {step: self.score(task, m, picked[m], self.p["grid_seed"], step, "validation")
                           for step in self.p["snapshots"]} for m in methods}
             finals[task] = self.final_steps(task, curves)
@@ -256,8 +257,8 @@ class Study:
         grid step (any rule, its picked rate) beat the best of every baseline's grid on both; the
         decision is written to <task>/candidates.json."""
         def best(m, key, rates):
-            return max(r[key] for lr_ in rates
-                       for r in self.score(task, m, lr_, self.p["grid_seed"], self.p["grid_at"], "validation")["rules"].values())
+            scored = [self.score(task, m, rate, self.p["grid_seed"], self.p["grid_at"], "validation") for rate in rates]
+            return max(r[key] for unit in scored for r in unit["rules"].values())
 
         ours = {key: best(method, key, [lr]) for key in ("aurac", "log_aurac")}
         base = {key: max(best(b, key, self.grid_rates(task, b)) for b in BASELINES if b in self.p["methods"])
@@ -265,7 +266,8 @@ class Study:
         kept = all(ours[k] > base[k] for k in ours)
         path = self.results / task / "candidates.json"
         record = json.loads(path.read_text()) if path.is_file() else {}
-        record[method] = {"kept": kept, "lr": lr, "grid_step": self.p["grid_at"], "candidate": ours, "best_baseline": base,
+        record[method] = {"kept": kept, "lr": lr, "grid_step": self.p["grid_at"], "candidate": ours,
+                          "best_baseline": base,
                           "rule": "kept if its best AURAC and log-AURAC beat the best baseline grid run on both"}
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
         return kept

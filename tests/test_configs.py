@@ -140,4 +140,4 @@ def test_demo_config_is_what_make_demo_runs():
     run, compare = split_options(load_yaml(ROOT / "configs" / "demo-smollm2-arith.yaml"))
     assert run == RunConfig.from_flat(DEMO)
     assert compare.methods == ["lora", "dylora", default_variant()]
-    assert compare.lr == {name: [METHOD_LRS[name.split("+")[0]]] for name in compare.methods}
+    assert compare.lr == {name: [METHOD_LRS[name.partition("+")[0]]] for name in compare.methods}

@@ -29,7 +29,8 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
     # the candidate objective is kept only if it beat the baseline (lora) on both AURACs at the grid step
     d = summary["candidates"]["multirank@split2"]
     grid = json.loads((tmp_path / "res/arith/multirank@split2/lr0.003/seed42/step2-validation-match.json").read_text())
-    lora = [json.loads(f.read_text()) for f in (tmp_path / "res/arith/lora").glob("lr*/seed42/step2-validation-match.json")]
+    lora = [json.loads(f.read_text())
+            for f in (tmp_path / "res/arith/lora").glob("lr*/seed42/step2-validation-match.json")]
     for key in ("aurac", "log_aurac"):
         assert d["candidate"][key] == max(r[key] for r in grid["rules"].values())
         assert d["best_baseline"][key] == max(r[key] for g in lora for r in g["rules"].values())
@@ -90,7 +91,8 @@ def test_until_a_winner_the_default_rule_is_the_best_measured_rule_of_the_defaul
     if summary.get("winner") or not summary.get("tasks", {}).get("arith", {}).get("grid"):
         pytest.skip("the study has a winner (checked above) or no grid yet")
     grid = summary["tasks"]["arith"]["grid"]
-    best = {name: max(rates.values()) for name, rates in grid.items() if name.split("+")[0] == MatryoshkaConfig().method}
+    method = MatryoshkaConfig().method
+    best = {name: max(rates.values()) for name, rates in grid.items() if name.split("+")[0] == method}
     assert len(best) == 3  # paper rule, fold, fold + SVD order
     assert study.defaults_of(max(best, key=best.get))["deploy_order"] == TrainConfig().deploy_order
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .comparison import CompareConfig, compare
+from .comparison import CompareConfig, compare, variant_parts
 from .core.config import MatryoshkaConfig
 from .evaluation.report import markdown_table
 from .experiment import RunConfig
@@ -44,7 +44,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
     settings = {**DEMO, **(QUICK if quick else {}), "output_dir": str(out_dir)}
     default = default_variant()
     methods = ["lora", "dylora"] + ([default] if default not in ("lora", "dylora") else [])
-    lrs = {name: [METHOD_LRS[name.split("+")[0]]] for name in methods}
+    lrs = {name: [METHOD_LRS[variant_parts(name)[0]]] for name in methods}
     start = time.perf_counter()
     results = compare(RunConfig.from_flat(settings), CompareConfig(methods=methods, lr=lrs), out_dir)
     minutes = (time.perf_counter() - start) / 60

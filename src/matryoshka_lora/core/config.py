@@ -117,7 +117,8 @@ class MatryoshkaConfig:
             elif not isinstance(self.ranks_per_step, int) or not 1 <= self.ranks_per_step <= (n or 1):
                 problems.append(f"  - ranks_per_step={self.ranks_per_step!r} must be an integer from 1 to |S|={n}.")
         if self.multirank_rows not in MULTIRANK_ROWS:
-            problems.append(f"  - Unknown multirank_rows {self.multirank_rows!r}. Available: {', '.join(MULTIRANK_ROWS)}.")
+            problems.append(f"  - Unknown multirank_rows {self.multirank_rows!r}. "
+                            f"Available: {', '.join(MULTIRANK_ROWS)}.")
         elif self.multirank_rows != "stack" and self.method != "multirank":
             problems.append(f"  - multirank_rows={self.multirank_rows!r} is for method='multirank' only; remove it or "
                             "set method='multirank'.")
