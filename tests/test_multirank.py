@@ -151,3 +151,23 @@ def test_split_rows_deal_every_rank_evenly_and_reproducibly():
 def test_multirank_rows_is_validated(extra, message):
     with pytest.raises(ValueError, match=message):
         MatryoshkaConfig(r=8, ranks=[1, 2, 4, 8], **extra)
+
+
+def test_split_rows_follow_the_micro_batches_of_each_step(tiny_model_dir, tmp_path, monkeypatch):
+    """Under gradient accumulation each micro-batch is dealt with its own index, the one DyLoRA's draws use."""
+    from matryoshka_lora.core.model import RankController
+    from matryoshka_lora.core.models import load_model
+    from matryoshka_lora.data.loading import DataConfig, load_examples
+    from matryoshka_lora.data.prompts import encode_examples, make_collator
+    from matryoshka_lora.training import TrainConfig, train_adapter
+
+    seen = []
+    original = RankController.split_rows
+    monkeypatch.setattr(RankController, "split_rows",
+                        lambda self, step, micro, batch: seen.append((step, micro)) or original(self, step, micro, batch))
+    base, tok = load_model(str(tiny_model_dir))
+    examples = encode_examples(tok, load_examples(DataConfig(dataset="arith", num_train=16), "train"), chat_template=False)
+    train_adapter(base, tok, examples, MatryoshkaConfig(r=4, ranks=[1, 2, 4], method="multirank", multirank_rows="split"),
+                  TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, gradient_accumulation_steps=3,
+                              learning_rate=1e-3, disable_tqdm=True, deploy_order="none"), collator=make_collator(tok))
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]

@@ -38,7 +38,7 @@ from .checkpoints import latest_checkpoint
 from .core.files import atomic_write_text
 from .core.locking import locks_output
 from .core.saving import load_matryoshka_model
-from .core.weighting import METHODS
+from .core.weighting import METHODS, NO_FIXED_P
 from .evaluation.report import higher_is_better, write_results
 from .experiment import RunConfig, check_inputs, evaluate, flat_fields, load_model_for, train
 from .training import DEPLOY_ORDERS
@@ -77,7 +77,7 @@ class CompareConfig:
             if name != method and rule not in DEPLOY_ORDERS[1:]:
                 problems.append(f"Unknown deployment rule in {name!r}. Available: {method}, "
                                 + ", ".join(f"{method}+{r}" for r in DEPLOY_ORDERS[1:]) + ".")
-            elif rule == "fold" and method in ("dylora", "multirank"):
+            elif rule == "fold" and method in NO_FIXED_P:
                 problems.append(f"{name!r}: fold needs a fixed P; use {method}+svd.")
         if len(set(self.methods)) != len(self.methods):
             problems.append(f"methods={self.methods} names a method twice.")

@@ -39,6 +39,7 @@ from .core.config import MatryoshkaConfig
 from .core.files import atomic_write_text
 from .core.model import draw_rank, fold_p, get_controller, get_matryoshka_model, set_row_ranks
 from .core.saving import save_matryoshka
+from .core.weighting import NO_FIXED_P
 from .deploy.svd import svd_order
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,6 @@ class MatryoshkaCallback(TrainerCallback):
     def __init__(self, snapshot_dir: Path | None = None, snapshot_steps=(), stop_after: int = 0):
         # (global_step, k); with dylora_draw="micro_batch": (global_step, micro-batch index, k)
         self.draws: list[tuple[int, ...]] = []
-        self._micro = 0
         self.snapshot_dir, self.snapshot_steps, self.stop_after = snapshot_dir, set(snapshot_steps or ()), stop_after
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -169,16 +169,18 @@ class MatryoshkaCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._micro = 0
+        get_controller(model).micro_batch = 0
         self._draw(args, state.global_step, model)
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
-        self._micro += 1  # the Trainer calls this after every micro-batch of a step but its last
-        if get_controller(model).config.dylora_draw == "micro_batch":
+        controller = get_controller(model)
+        controller.micro_batch += 1  # the Trainer calls this after every micro-batch of a step but its last
+        if controller.config.dylora_draw == "micro_batch":
             self._draw(args, state.global_step, model)
 
     def _draw(self, args, step: int, model) -> None:
-        micro = self._micro if get_controller(model).config.dylora_draw == "micro_batch" else None
+        controller = get_controller(model)
+        micro = controller.micro_batch if controller.config.dylora_draw == "micro_batch" else None
         k = draw_rank(model, step, micro)
         if k is not None:
             self.draws.append((step, k) if micro is None else (step, micro, k))
@@ -211,11 +213,8 @@ class MultirankLoss:
             return super().training_step(model, inputs, num_items_in_batch)
         step = self.state.global_step
         if controller.config.multirank_rows == "split":
-            last_step, last = getattr(self, "_micro_batch", (None, -1))
-            index = last + 1 if last_step == step else 0  # the micro-batch's index within the step
-            self._micro_batch = (step, index)
             batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
-            with set_row_ranks(model, controller.split_rows(step, index, batch)):
+            with set_row_ranks(model, controller.split_rows(step, controller.micro_batch, batch)):
                 return super().training_step(model, inputs, num_items_in_batch)
         ranks = controller.step_ranks(step)
         stacked, rows = stack_for_ranks(inputs, ranks)
@@ -300,7 +299,7 @@ def train_adapter(model, tokenizer, train_dataset, adapter: MatryoshkaConfig, co
         NonFiniteLoss: the loss or the weights became NaN/inf (the last good checkpoint is kept).
         DiskFullError: the disk filled up during a save (nothing half-written is left).
     """
-    if config.deploy_order == "fold" and adapter.method in ("dylora", "multirank"):
+    if config.deploy_order == "fold" and adapter.method in NO_FIXED_P:
         raise ValueError(f"deploy_order='fold' needs a fixed P, but method={adapter.method!r} trains each rank with "
                          "its own s_k P_k; use deploy_order='svd' or 'none'.")
     out = Path(config.output_dir)

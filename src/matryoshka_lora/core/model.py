@@ -26,7 +26,7 @@ from . import fused as fused_path
 from . import peft_seam
 from .config import MatryoshkaConfig
 from .ranks import layer_ranks
-from .weighting import fold_factors, prefix_weights, rank_weights
+from .weighting import NO_FIXED_P, fold_factors, prefix_weights, rank_weights
 
 
 class RankController:
@@ -37,6 +37,7 @@ class RankController:
         self.layer_names = list(layer_names)
         self.training_k: int | None = None  # DyLoRA's current draw
         self._draws = 0
+        self.micro_batch = 0  # index of the running micro-batch within its optimizer step (MatryoshkaCallback)
         self._mode: object = None  # None | int | dict[name, int] | torch.Tensor of row ranks
         self._cache: dict[tuple, tuple[torch.Tensor, bool]] = {}
         self.fused = False  # layers run `fused.fused_forward` (set by `attach` / `set_fused`)
@@ -309,7 +310,7 @@ def fold_plan(c: MatryoshkaConfig) -> tuple[torch.Tensor, MatryoshkaConfig]:
     """The training P to multiply into lora_A's rows, and the config of the folded adapter."""
     if c.folded_from is not None:
         raise ValueError(f"This adapter is already folded (from method {c.folded_from!r}).")
-    if c.method in ("dylora", "multirank"):
+    if c.method in NO_FIXED_P:
         raise ValueError(f"method {c.method!r} trains each rank with its own s_k P_k, so there is no single P to fold; "
                          "evaluate it with set_rank as it is.")
     p = rank_weights(c.r, c.ranks, c.method, c.scaling, c.alpha, c.weights)  # (R,)

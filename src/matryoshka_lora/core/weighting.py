@@ -26,6 +26,7 @@ import torch
 from .checks import is_int
 
 METHODS = ("matryoshka", "lora", "dylora", "custom", "multirank")
+NO_FIXED_P = ("dylora", "multirank")  # each rank trains with its own s_k P_k: no single P to fold
 SCALINGS = ("none", "rank", "sqrt")
 
 

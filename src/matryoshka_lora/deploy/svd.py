@@ -32,7 +32,7 @@ from ..core.files import atomic_directory
 from ..core.locking import locks_output
 from ..core.model import get_controller
 from ..core.saving import PEFT_CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir, config_record
-from ..core.weighting import default_ranks, prefix_weights, rank_weights
+from ..core.weighting import NO_FIXED_P, default_ranks, prefix_weights, rank_weights
 
 
 def svd_factors(A: torch.Tensor, B: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ def svd_factors(A: torch.Tensor, B: torch.Tensor, p: torch.Tensor) -> tuple[torc
 
 def deployed_weights(c: MatryoshkaConfig) -> torch.Tensor:
     """The p of `B diag(p) A` an adapter deploys at full rank (see the module docstring), shape (R,)."""
-    if c.method in ("dylora", "multirank"):
+    if c.method in NO_FIXED_P:
         return prefix_weights(c.r, c.r, c.scaling, c.alpha)
     return rank_weights(c.r, c.ranks, c.method, c.scaling, c.alpha, c.weights)
 
