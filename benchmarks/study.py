@@ -107,6 +107,7 @@ class Study:
         self.model_name = model or preset["model"]
         self.deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
         self.base = self.tok = None
+        self.grids: dict[tuple[str, str], list[float]] = {}  # (task, method) -> its grid, extensions included
 
     # -- units of work ------------------------------------------------------------------------
     def scaled(self, method: str, step: int) -> int:
@@ -218,6 +219,7 @@ class Study:
             scores = {lr: max(r["aurac"] for r in self.score(task, method, lr, self.p["grid_seed"], self.p["grid_at"],
                                                              "validation")["rules"].values()) for lr in grid}
             best = max(grid, key=lambda lr: scores[lr])
+            self.grids[(task, method)] = grid
             if len(grid) < 2 or best not in (grid[0], grid[-1]) or extension == self.p["extend"]:
                 return best
             factor = grid[1] / grid[0]
@@ -261,7 +263,7 @@ class Study:
             return max(r[key] for unit in scored for r in unit["rules"].values())
 
         ours = {key: best(method, key, [lr]) for key in ("aurac", "log_aurac")}
-        base = {key: max(best(b, key, self.grid_rates(task, b)) for b in BASELINES if b in self.p["methods"])
+        base = {key: max(best(b, key, self.grids[(task, b)]) for b in BASELINES if b in self.p["methods"])
                 for key in ours}
         kept = all(ours[k] > base[k] for k in ours)
         path = self.results / task / "candidates.json"
@@ -271,12 +273,6 @@ class Study:
                           "rule": "kept if its best AURAC and log-AURAC beat the best baseline grid run on both"}
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
         return kept
-
-    def grid_rates(self, task, method) -> list[float]:
-        """Every rate of the method's grid scored so far (extensions included)."""
-        folder = self.results / task / method
-        return sorted(float(d.name[2:]) for d in folder.glob("lr*")
-                      if (d / f"seed{self.p['grid_seed']}").is_dir()) or self.grid(method)
 
     def final_steps(self, task, curves) -> int:
         """The issue's cut: stop at `plateau_at` (400) if no method's validation AURAC (any rule, seed 42)
