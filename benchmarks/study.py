@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from matryoshka_lora import fold_p, load_matryoshka_model, svd_order  # noqa: E402
+from matryoshka_lora import MatryoshkaConfig, fold_p, load_matryoshka_model, svd_order  # noqa: E402
 from matryoshka_lora.checkpoints import latest_checkpoint  # noqa: E402
 from matryoshka_lora.comparison import mean_std  # noqa: E402
 from matryoshka_lora.core.files import atomic_write_text  # noqa: E402
@@ -340,12 +340,17 @@ def summarize(rows: list[dict], preset: dict, dropped: frozenset = frozenset()) 
     return out
 
 
+# The MatryoshkaConfig fields that tell the variants of METHODS apart (the rest keep their defaults).
+VARIANT_FIELDS = ("method", "init", "ranks_per_step", "multirank_rows")
+
+
 def defaults_of(name: str) -> dict:
-    """The training options a variant stands for: {"method", "init", "deploy_order"} (e.g. lora+svd)."""
+    """The training options a variant stands for: VARIANT_FIELDS plus "deploy_order" (e.g. lora+svd)."""
     method, _, rule = name.partition("+")
     options, _, _, _ = METHODS[method]
     order = "svd" if rule.endswith("svd") else "fold" if rule == "fold" else "none"
-    return {"method": options["method"], "init": options.get("init", "peft"), "deploy_order": order}
+    base = MatryoshkaConfig()
+    return {**{k: options.get(k, getattr(base, k)) for k in VARIANT_FIELDS}, "deploy_order": order}
 
 
 def winner(summary: dict) -> dict | None:

@@ -60,11 +60,15 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
 
 
 def test_defaults_of_variants(study):
-    assert study.defaults_of("lora+svd") == {"method": "lora", "init": "peft", "deploy_order": "svd"}
-    assert study.defaults_of("matryoshka+fold") == {"method": "matryoshka", "init": "peft", "deploy_order": "fold"}
-    assert study.defaults_of("matryoshka_pinit+fold+svd") == {"method": "matryoshka", "init": "paper",
+    plain = {"init": "peft", "ranks_per_step": None, "multirank_rows": "stack"}
+    assert study.defaults_of("lora+svd") == {**plain, "method": "lora", "deploy_order": "svd"}
+    assert study.defaults_of("matryoshka+fold") == {**plain, "method": "matryoshka", "deploy_order": "fold"}
+    assert study.defaults_of("matryoshka_pinit+fold+svd") == {**plain, "method": "matryoshka", "init": "paper",
                                                               "deploy_order": "svd"}
-    assert study.defaults_of("multirank@compute") == {"method": "multirank", "init": "peft", "deploy_order": "none"}
+    assert study.defaults_of("multirank@compute") == {**plain, "method": "multirank", "deploy_order": "none"}
+    # the candidate differs from multirank@compute only in how it deals ranks to rows: a default must say so
+    assert study.defaults_of("multirank@split2") == {**plain, "method": "multirank", "ranks_per_step": 2,
+                                                     "multirank_rows": "split", "deploy_order": "none"}
 
 
 def test_library_defaults_are_the_measured_winner(study):
@@ -76,7 +80,8 @@ def test_library_defaults_are_the_measured_winner(study):
     w = json.loads(path.read_text()).get("winner") if path.is_file() else None
     if w is None:
         pytest.skip("study v2 is not complete yet: no measured winner")
-    assert {"method": MatryoshkaConfig().method, "init": MatryoshkaConfig().init,
+    config = MatryoshkaConfig()
+    assert {**{k: getattr(config, k) for k in study.VARIANT_FIELDS},
             "deploy_order": TrainConfig().deploy_order} == w["defaults"]
 
 
