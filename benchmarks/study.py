@@ -341,7 +341,7 @@ def summarize(rows: list[dict], preset: dict, dropped: frozenset = frozenset()) 
 
 
 # The MatryoshkaConfig fields that tell the variants of METHODS apart (the rest keep their defaults).
-VARIANT_FIELDS = ("method", "init", "ranks_per_step", "multirank_rows")
+VARIANT_FIELDS = tuple(sorted({field for options, *_ in METHODS.values() for field in options}))
 
 
 def defaults_of(name: str) -> dict:
