@@ -357,8 +357,9 @@ def winner(summary: dict) -> dict | None:
     """The variant with the best mean of AURAC and log-AURAC over all tasks, once every task is complete.
 
     Returns:
-        {"name", "score", "wins_everywhere": best on both AURACs on every task, "defaults"}, or None
-        while some task has no variant with all seeds.
+        {"name", "score", "wins_everywhere": best on both AURACs on every task, "defaults", "lr"}, or
+        None while some task has no variant with all seeds. "lr" is its picked rate (the second task
+        reuses the first task's rates, so there is one), the default `learning_rate` with it.
     """
     tasks = summary["tasks"]
     if not tasks or not all(t.get("complete") for t in tasks.values()):
@@ -369,7 +370,9 @@ def winner(summary: dict) -> dict | None:
     best = max(sorted(names), key=lambda n: score[n])
     everywhere = all(t["methods"][best][m]["mean"] >= max(v[m]["mean"] for v in t["methods"].values())
                      for t in tasks.values() for m in ("aurac", "log_aurac"))
-    return {"name": best, "score": score[best], "wins_everywhere": everywhere, "defaults": defaults_of(best)}
+    rates = {t["methods"][best]["lr"] for t in tasks.values()}
+    return {"name": best, "score": score[best], "wins_everywhere": everywhere, "defaults": defaults_of(best),
+            "lr": rates.pop() if len(rates) == 1 else None}
 
 
 def paired(final: dict, a: str, b: str) -> dict:
@@ -407,7 +410,8 @@ def grid_table(rows: list[dict], preset: dict) -> dict:
 def markdown(summary: dict) -> str:
     w = summary.get("winner")
     lines = [f"**Winner over all tasks (mean of AURAC and log-AURAC): {w['name']}** ({w['score']:.1f}; best on both "
-             f"AURACs on every task: {'yes' if w['wins_everywhere'] else 'no'}). Defaults: {w['defaults']}.", ""] if w \
+             f"AURACs on every task: {'yes' if w['wins_everywhere'] else 'no'}). Defaults: {w['defaults']}, "
+             f"learning rate {w['lr']}.", ""] if w \
         else ["Study incomplete: no winner yet.", ""]
     for name, d in summary.get("candidates", {}).items():
         lines += [f"Candidate objective {name} (lr {d['lr']:g}, validation at step {d['grid_step']}): "

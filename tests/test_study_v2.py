@@ -57,6 +57,7 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
     assert t["complete"] is True and summary["winner"]["name"] in t["methods"]
     w = summary["winner"]
     assert w["defaults"] == study.defaults_of(w["name"]) and w["defaults"]["method"] in ("lora", "matryoshka")
+    assert w["lr"] == t["methods"][w["name"]]["lr"]  # one task: its picked rate
 
 
 def test_defaults_of_variants(study):
@@ -83,6 +84,7 @@ def test_library_defaults_are_the_measured_winner(study):
     config = MatryoshkaConfig()
     assert {**{k: getattr(config, k) for k in study.VARIANT_FIELDS},
             "deploy_order": TrainConfig().deploy_order} == w["defaults"]
+    assert TrainConfig().learning_rate == w["lr"]  # the rate the winner was picked at
 
 
 def test_until_a_winner_the_default_rule_is_the_best_measured_rule_of_the_default_method(study):
