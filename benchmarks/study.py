@@ -358,8 +358,8 @@ def winner(summary: dict) -> dict | None:
 
     Returns:
         {"name", "score", "wins_everywhere": best on both AURACs on every task, "defaults", "lr"}, or
-        None while some task has no variant with all seeds. "lr" is its picked rate (the second task
-        reuses the first task's rates, so there is one), the default `learning_rate` with it.
+        None while some task has no variant with all seeds. "lr" is its picked rate, the default
+        `learning_rate` with it: one rate, as `plan` reuses the first task's (None if tasks differed).
     """
     tasks = summary["tasks"]
     if not tasks or not all(t.get("complete") for t in tasks.values()):
