@@ -1,6 +1,7 @@
 """Study v2 (benchmarks/study.py): a tiny end-to-end run, resume in chunks, and the summary's AURAC arithmetic."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,42 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
     assert json.loads((run / "train_config.json").read_text())["resumed_from"].endswith("checkpoint-2")
     assert not (run / "checkpoints").exists()  # finished runs keep only their snapshots
     assert (tmp_path / "res" / "summary-arith.png").is_file() and "| lora" in (tmp_path / "res" / "summary.md").read_text()
-    assert set(t["best"]["paired"]) == {"lora"}  # dylora was not in this study
+    assert set(t["best"]["paired"]) == {"lora"} - {t["best"]["name"]}  # dylora was not in this study
     assert t["complete"] is True and summary["winner"]["name"] in t["methods"]
     w = summary["winner"]
     assert w["defaults"] == study.defaults_of(w["name"]) and w["defaults"]["method"] in ("lora", "matryoshka")
     assert w["lr"] == t["methods"][w["name"]]["lr"]  # one task: its picked rate
+
+
+def test_strict_is_scored_while_the_adapter_is_on_disk(study, tiny_model_dir, tmp_path, monkeypatch):
+    """Adapters are not committed, so a session on a new machine has none: each final run is scored
+    strict right after its test match, and a run whose adapter is gone is trained again for it."""
+    calls = []
+    score = study.Study.score
+
+    def record(self, task, method, lr, seed, step, split, metric="match"):
+        calls.append((method, seed, split, metric))
+        return score(self, task, method, lr, seed, step, split, metric)
+
+    monkeypatch.setattr(study.Study, "score", record)
+    argv = ["--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res")]
+    first = study.main(argv)
+    tests = [c for c in calls if c[2] == "test"]
+    matches = [i for i, c in enumerate(tests) if c[3] == "match"]
+    assert len(matches) == len({c[:2] for c in tests}) >= 4  # one per final run (2 methods at least x 2 seeds)
+    assert all(tests[i + 1] == (*tests[i][:3], "strict") for i in matches)
+    # a new machine: no adapters; one strict result is missing
+    lr = first["tasks"]["arith"]["methods"]["lora"]["lr"]
+    strict = tmp_path / "res" / "arith" / "lora" / f"lr{lr:g}" / "seed666" / "step4-test-strict.json"
+    before = json.loads(strict.read_text())["rules"]
+    strict.unlink()
+    shutil.rmtree(tmp_path / "runs")
+    calls.clear()
+    again = study.main(argv)
+    assert again["complete"] is True and json.loads(strict.read_text())["rules"] == before  # same seed, same adapter
+    assert (tmp_path / "runs" / "arith" / "lora" / f"lr{lr:g}" / "seed666" / "snapshots" / "step-4").is_dir()
+    assert not (tmp_path / "runs" / "arith" / "matryoshka").exists()  # nothing else was trained again
 
 
 def test_defaults_of_variants(study):
