@@ -20,9 +20,10 @@ resume), so an interruption costs at most one segment.
   this is fold + SVD).
 - Equal compute: multirank trains |S| = 6 rank losses per step, so "multirank@compute" runs 1/6
   of the steps (snapshots and grid step scaled alike).
-- Final tables: greedy generation strict-match on the test split, scored right after a run's
-  test match while its adapter is on disk (adapters are not committed: a run scored on another
-  machine is trained again in a last phase).
+- Final tables: greedy generation strict-match on the test split, scored in the same pass as a
+  run's test match while its adapter is on disk (adapters are not committed: a run scored on
+  another machine is trained again in a last phase). Only the rows match missed are decoded: a
+  matched row is one greedy decoding reproduces.
 - Candidate objectives (issue 19 item 4; CANDIDATES): run their grid like any method, then go on
   to the curves and seeds only if their best validation AURAC and log-AURAC at the grid step beat
   the best lora and dylora grid runs on both (the decision: <task>/candidates.json).
@@ -167,20 +168,24 @@ class Study:
             if target == self.scaled(method, self.p["steps"]):
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: only snapshots are needed
 
-    def score(self, task, method, lr, seed, step, split, metric="match") -> dict:
-        """Score snapshot `step` (unscaled) of one run under every rule of its method; cached as JSON."""
+    def score(self, task, method, lr, seed, step, split, metric="match", strict_too=False) -> dict:
+        """Score snapshot `step` (unscaled) of one run under every rule of its method; cached as JSON.
+        strict (and `strict_too`, which writes the match and strict JSONs from one pass) decodes only
+        the rows teacher-forced match missed: a matched row is one greedy decoding reproduces."""
         s = self.scaled(method, step)
         path = self.result_path(task, method, lr, seed, s, split, metric)
         if path.is_file():
             return json.loads(path.read_text())
         self.train_to(task, method, lr, seed, s)
         self.check_time()
+        metrics = [metric] + (["strict"] if strict_too and metric == "match" else [])
+        generate = "strict" in metrics
         run = self.run_config(task, method, lr, seed, s).replace(
-            metrics=[{"match": "match", "strict": "generate"}[metric]])
-        out = {"task": task, "method": method, "lr": lr, "seed": seed, "steps": s, "split": split, "metric": metric,
-               "compute_per_step": METHODS[method][2], "rules": {}}
+            metrics=["generate", "match"] if generate else ["match"], decode_misses=generate)
+        outs = {m: {"task": task, "method": method, "lr": lr, "seed": seed, "steps": s, "split": split, "metric": m,
+                    "compute_per_step": METHODS[method][2], "rules": {}} for m in metrics}
         start = time.perf_counter()
-        base_score = None
+        base_scores: dict = {}
         for rule in METHODS[method][3]:
             base, tok = self.model()
             model = load_matryoshka_model(base, self.snapshot(task, method, lr, seed, step))
@@ -189,24 +194,33 @@ class Study:
             elif rule == "svd":
                 svd_order(model)
             # generation rank by rank: on an idle CPU the draft took 1.04-1.12x of it on the lora+svd adapter
-            res = evaluate(run.replace(include_base=base_score is None), None, split, model=model, tokenizer=tok)
+            res = evaluate(run.replace(include_base=not base_scores), None, split, model=model, tokenizer=tok)
             self.base = model.unload()
-            key = res["metric"]
-            base_score = res["base"][key] if base_score is None else base_score  # rank 0: the same for every rule
             entry = next(iter(res["methods"].values()))
-            per_rank = {str(k): v[key] for k, v in entry["per_rank"].items()}
-            accs = [per_rank[str(k)] for k in RANKS]
-            out["rules"][variant(method, rule)] = {"per_rank": per_rank, "base": base_score,
-                                                   "aurac": aurac(RANKS, accs), "log_aurac": log_aurac(RANKS, accs)}
-            out["n"] = entry["timings"]["n_examples"]
-        out["eval_seconds"] = time.perf_counter() - start
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(out, indent=1) + "\n")
-        best = max(out["rules"].items(), key=lambda kv: kv[1]["aurac"])
-        print(f"[study] {task} {method} lr={lr:g} seed={seed} step {s} {split} {metric}: best {best[0]} AURAC "
-              f"{best[1]['aurac']:.1f} ({out['eval_seconds']:.0f} s)", flush=True)
+            for m, out in outs.items():
+                key = res["metric"] if m == "strict" else "match"
+                base_scores.setdefault(m, res["base"][key] if res["base"] else None)  # rank 0: the same for every rule
+                per_rank = {str(k): v[key] for k, v in entry["per_rank"].items()}
+                accs = [per_rank[str(k)] for k in RANKS]
+                out["rules"][variant(method, rule)] = {"per_rank": per_rank, "base": base_scores[m],
+                                                       "aurac": aurac(RANKS, accs), "log_aurac": log_aurac(RANKS, accs)}
+                out["n"] = entry["timings"]["n_examples"]
+                if m == "strict":
+                    out.setdefault("decoded_rows", {})[variant(method, rule)] = entry["timings"]["decoded_rows"]
+        seconds = time.perf_counter() - start
+        for m in sorted(outs, reverse=True):  # strict first: a match JSON on disk means this pass finished
+            out = outs[m]
+            out["eval_seconds"] = seconds
+            if len(outs) > 1:
+                out["scored_with"] = sorted(outs)  # one pass: eval_seconds covers both
+            target = self.result_path(task, method, lr, seed, s, split, m)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(target, json.dumps(out, indent=1) + "\n")
+            best = max(out["rules"].items(), key=lambda kv: kv[1]["aurac"])
+            print(f"[study] {task} {method} lr={lr:g} seed={seed} step {s} {split} {m}: best {best[0]} AURAC "
+                  f"{best[1]['aurac']:.1f} ({seconds:.0f} s)", flush=True)
         write_summary(self.results, self.p)
-        return out
+        return outs[metric]
 
     def check_time(self):
         if time.monotonic() > self.deadline:
@@ -250,9 +264,10 @@ class Study:
             finals[task] = self.final_steps(task, curves)
             for seed in self.p["seeds"]:
                 for method in methods:
-                    self.score(task, method, picked[method], seed, finals[task], "test")
+                    # match and strict in one pass, while the adapter is on disk: adapters are not
+                    # committed, so a later session (a new machine) would train the run again for it
+                    self.score(task, method, picked[method], seed, finals[task], "test", strict_too=True)
                     if self.snapshot(task, method, picked[method], seed, finals[task]).is_dir():
-                        # while the adapter is on disk: a later session (new machine) would train it again
                         self.score(task, method, picked[method], seed, finals[task], "test", "strict")
                     if seed != self.p["grid_seed"]:  # trained only to the final step: the checkpoints are done
                         shutil.rmtree(self.run_dir(task, method, picked[method], seed) / "checkpoints",

@@ -63,29 +63,33 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
 
 def test_strict_is_scored_while_the_adapter_is_on_disk(study, tiny_model_dir, tmp_path, monkeypatch):
     """Adapters are not committed, so a session on a new machine has none: each final run is scored
-    strict right after its test match, and a run whose adapter is gone is trained again for it."""
+    strict in the same pass as its test match, and a run whose adapter is gone is trained again for it."""
     calls = []
     score = study.Study.score
 
-    def record(self, task, method, lr, seed, step, split, metric="match"):
-        calls.append((method, seed, split, metric))
-        return score(self, task, method, lr, seed, step, split, metric)
+    def record(self, task, method, lr, seed, step, split, metric="match", strict_too=False):
+        calls.append((method, seed, split, metric, strict_too))
+        return score(self, task, method, lr, seed, step, split, metric, strict_too)
 
     monkeypatch.setattr(study.Study, "score", record)
     argv = ["--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
             "--results", str(tmp_path / "res")]
     first = study.main(argv)
-    tests = [c for c in calls if c[2] == "test"]
-    matches = [i for i, c in enumerate(tests) if c[3] == "match"]
-    assert len(matches) == len({c[:2] for c in tests}) >= 4  # one per final run (2 methods at least x 2 seeds)
-    assert all(tests[i + 1] == (*tests[i][:3], "strict") for i in matches)
+    tests = [c for c in calls if c[2] == "test" and c[3] == "match"]
+    assert len(tests) == len({c[:2] for c in tests}) >= 4 and all(c[4] for c in tests)  # one per final run
+    for f in (tmp_path / "res").glob("arith/*/*/*/step4-test-strict.json"):
+        strict = json.loads(f.read_text())
+        match = json.loads(f.with_name("step4-test-match.json").read_text())
+        assert strict["scored_with"] == match["scored_with"] == ["match", "strict"]
+        for name, rule in strict["rules"].items():  # a matched row is scored on its gold completion: right
+            assert all(v >= match["rules"][name]["per_rank"][k] for k, v in rule["per_rank"].items())
+            assert all(n <= 6 for n in strict["decoded_rows"][name].values())
     # a new machine: no adapters; one strict result is missing
     lr = first["tasks"]["arith"]["methods"]["lora"]["lr"]
     strict = tmp_path / "res" / "arith" / "lora" / f"lr{lr:g}" / "seed666" / "step4-test-strict.json"
     before = json.loads(strict.read_text())["rules"]
     strict.unlink()
     shutil.rmtree(tmp_path / "runs")
-    calls.clear()
     again = study.main(argv)
     assert again["complete"] is True and json.loads(strict.read_text())["rules"] == before  # same seed, same adapter
     assert (tmp_path / "runs" / "arith" / "lora" / f"lr{lr:g}" / "seed666" / "snapshots" / "step-4").is_dir()

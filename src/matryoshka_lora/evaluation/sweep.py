@@ -15,7 +15,14 @@ from tqdm.auto import tqdm
 from ..core.model import get_controller, set_rank
 from ..core.ranks import check_sweep_ranks
 from ..data.prompts import build_prompt, encode_examples, encode_prompt, stop_strings
-from .generation import GenerationScorer, compile_answer_regex, generate
+from .generation import (
+    GenerationScorer,
+    compile_answer_regex,
+    decode_cut,
+    eos_ids,
+    generate,
+    stop_position,
+)
 from .likelihood import completion_loss, multiple_choice
 from .match import completion_match
 from .rank_generation import generate_ranks
@@ -46,6 +53,11 @@ class EvalConfig:
                           "above it in one teacher-forced pass, and decode on only where it departs (the same texts). "
                           "It pays where neighbouring ranks agree: 0.75x rank by rank on an SVD-ordered adapter on "
                           "CPU, but 0.91-1.10x on adapters whose low ranks disagree (README, Performance)."})
+    decode_misses: bool = field(
+        default=False,
+        metadata={"help": "generate + match: decode only the rows teacher-forced match missed at each rank. A matched "
+                          "row is one greedy decoding reproduces, so it is scored on its gold completion (cut as a "
+                          "generation would be): the same scores with fewer decodes. Needs num_fewshot 0."})
     answer_regex: str | None = field(
         default=None,
         metadata={"help": "generate, free-form data: a regex whose first match (its first group, if any) is the answer, "
@@ -62,6 +74,12 @@ class EvalConfig:
             raise ValueError("num_fewshot must be >= 0; eval_batch_size and max_new_tokens >= 1.")
         if self.answer_regex is not None:
             compile_answer_regex(self.answer_regex)
+        if self.decode_misses and not {"generate", "match"} <= set(self.metrics):
+            raise ValueError("decode_misses skips the rows match already scored: use it with metrics generate and "
+                             "match, or turn it off.")
+        if self.decode_misses and (self.num_fewshot or self.draft_generation):
+            raise ValueError("decode_misses needs num_fewshot 0 (match scores zero-shot prompts) and "
+                             "draft_generation off; turn it off or change those.")
 
 
 def headline_metric(metrics: Sequence[str], scorer: GenerationScorer | None = None) -> str:
@@ -103,17 +121,42 @@ def _score_texts(prep: _Prepared, texts: list[str]) -> dict:
     return {**scored["scores"], "_items": [dict(item, text=t) for item, t in zip(scored["items"], texts)]}
 
 
-def _score_generation(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar) -> dict:
-    """Generation scores at the model's current rank."""
-    return _score_texts(prep, generate(model, tokenizer, prep.gen[0], stop, config.max_new_tokens,
-                                       config.eval_batch_size, bar))
+def _score_generation(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar,
+                      known: dict[int, str] | None = None) -> dict:
+    """Generation scores at the model's current rank; rows in `known` (row -> text) are not decoded."""
+    known = known or {}
+    rows = [i for i in range(len(prep.gen[0])) if i not in known]
+    if bar is not None and known:
+        bar.update(len(known))
+    texts = dict(known)
+    texts.update(zip(rows, generate(model, tokenizer, [prep.gen[0][i] for i in rows], stop, config.max_new_tokens,
+                                    config.eval_batch_size, bar)))
+    return {**_score_texts(prep, [texts[i] for i in range(len(prep.gen[0]))]), "_decoded": len(rows)}
 
 
-def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar) -> dict:
+def matched_texts(model, tokenizer, prep: _Prepared, hits: dict[int, list[bool]], stop, max_new_tokens: int
+                  ) -> dict[int, dict[int, str]]:
+    """{rank: {row: text}} for the rows teacher-forced match scored right. Greedy decoding there writes
+    the gold completion's tokens, so its text is theirs, cut where `generate` cuts (length cap, EOS,
+    stop string). A row is left to decode when its match prompt is not the generation prompt token
+    for token, or when decoding would run on past the gold tokens (a truncated completion)."""
+    eos, golds = eos_ids(model, tokenizer), {}
+    for i, row in enumerate(prep.match):
+        n_prompt = sum(label == -100 for label in row["labels"])
+        if row["input_ids"][:n_prompt] != list(prep.gen[0][i]):
+            continue
+        gold = row["input_ids"][n_prompt:][:max_new_tokens]
+        end = stop_position(tokenizer, gold, stop, eos)
+        if end is not None or len(gold) == max_new_tokens:
+            golds[i] = decode_cut(tokenizer, gold if end is None else gold[:end + 1], stop)
+    return {k: {i: golds[i] for i, hit in enumerate(h) if hit and i in golds} for k, h in hits.items()}
+
+
+def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar, known=None) -> dict:
     """Every metric at the model's current rank."""
     out: dict = {}
     if prep.gen is not None:
-        out.update(_score_generation(model, tokenizer, prep, config, stop, bar))
+        out.update(_score_generation(model, tokenizer, prep, config, stop, bar, known))
     if prep.loss is not None:
         out.update(completion_loss(model, prep.loss, config.eval_batch_size))
     if prep.mc is not None:
@@ -122,7 +165,8 @@ def _score_once(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, bar
     return out
 
 
-def _score_all(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, ranks, bar) -> tuple[dict, dict | None]:
+def _score_all(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, ranks, bar,
+               known: dict[int, dict[int, str]] | None = None) -> tuple[dict, dict | None]:
     """Every metric at every rank together (`EvalConfig.one_pass`): ({k: scores}, draft generation stats)."""
     out: dict = {k: {} for k in ranks}
     stats = None
@@ -134,7 +178,7 @@ def _score_all(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, rank
     elif prep.gen is not None:
         for k in ranks:
             with set_rank(model, k):
-                out[k].update(_score_generation(model, tokenizer, prep, config, stop, bar))
+                out[k].update(_score_generation(model, tokenizer, prep, config, stop, bar, known and known[k]))
     if prep.loss is not None:
         for k, scores in completion_loss(model, prep.loss, config.eval_batch_size, ranks=ranks).items():
             out[k].update(scores)
@@ -203,16 +247,23 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
                 match_hits[str(k)] = hits[k]
         match_seconds = time.perf_counter() - start
     n_gen = len(prep.gen[0]) if prep.gen else 0
+    known = None
+    if config.decode_misses and prep.gen is not None and prep.match is not None:
+        if len(prep.match) != n_gen:
+            raise ValueError("decode_misses: match left out examples too long for max_length; raise max_length or "
+                             "turn decode_misses off.")
+        known = matched_texts(model, tokenizer, prep, hits, stop, config.max_new_tokens)
     draft_stats = None
     with tqdm(total=n_gen * len(todo), desc="eval (generation rows)", disable=n_gen == 0) as bar:
         if config.one_pass and len(todo) > 1:
             start = time.perf_counter()
-            scored, draft_stats = _score_all(model, tokenizer, prep, config, stop, todo, bar)
+            scored, draft_stats = _score_all(model, tokenizer, prep, config, stop, todo, bar, known)
             timings = {"seconds_all_ranks": time.perf_counter() - start}
         else:
             scored, per_rank_seconds = each_rank(model, todo, lambda k: _score_once(model, tokenizer, prep, config,
-                                                                                   stop, bar), bar)
+                                                                                   stop, bar, known and known[k]), bar)
             timings = {"seconds_per_rank": per_rank_seconds}
+    decoded = {str(k): scored[k].pop("_decoded") for k in todo if "_decoded" in scored[k]}
     for k in todo:
         item_list = scored[k].pop("_items", None)
         if keep_items and item_list is not None:
@@ -225,7 +276,8 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
         "per_rank": per_rank,
         "timings": {**timings, "n_examples": len(examples),
                     **({"match_seconds_all_ranks": match_seconds} if match_seconds is not None else {}),
-                    **({"generation_draft": draft_stats} if draft_stats is not None else {})},
+                    **({"generation_draft": draft_stats} if draft_stats is not None else {}),
+                    **({"decoded_rows": decoded} if known is not None else {})},
     }
     if keep_items:
         result["items"] = items
