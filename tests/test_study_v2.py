@@ -77,7 +77,9 @@ def test_strict_is_scored_while_the_adapter_is_on_disk(study, tiny_model_dir, tm
     first = study.main(argv)
     tests = [c for c in calls if c[2] == "test" and c[3] == "match"]
     assert len(tests) == len({c[:2] for c in tests}) >= 4 and all(c[4] for c in tests)  # one per final run
-    for f in (tmp_path / "res").glob("arith/*/*/*/step4-test-strict.json"):
+    files = list((tmp_path / "res").glob("arith/*/*/*/step4-test-strict.json"))
+    assert len(files) == len(tests)
+    for f in files:
         strict = json.loads(f.read_text())
         match = json.loads(f.with_name("step4-test-match.json").read_text())
         assert strict["scored_with"] == match["scored_with"] == ["match", "strict"]
