@@ -246,8 +246,8 @@ class Study:
     def plan(self):
         """Units in priority order, task after task: the grids; the seed-42 runs along their whole
         schedule on validation (where each method plateaus); the final step count from those curves;
-        the test split at that step, seed after seed, each run's generation strict-match right after its
-        match (while its adapter is on disk); last, strict-match for runs whose adapters were gone. A candidate
+        the test split at that step, seed after seed, match and generation strict-match in one pass
+        (while the adapter is on disk); last, strict-match for runs whose adapters were gone. A candidate
         objective (CANDIDATES) goes past its grid only if it beat the baselines there."""
         first = self.p["tasks"][0]
         picked, finals, kept = {}, {}, {}

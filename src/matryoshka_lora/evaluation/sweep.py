@@ -169,6 +169,7 @@ def _score_all(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, rank
                known: dict[int, dict[int, str]] | None = None) -> tuple[dict, dict | None]:
     """Every metric at every rank together (`EvalConfig.one_pass`): ({k: scores}, draft generation stats)."""
     out: dict = {k: {} for k in ranks}
+    known = known or {}
     stats = None
     if prep.gen is not None and config.draft_generation:
         texts, stats = generate_ranks(model, tokenizer, prep.gen[0], ranks, stop, config.max_new_tokens,
@@ -178,7 +179,7 @@ def _score_all(model, tokenizer, prep: _Prepared, config: EvalConfig, stop, rank
     elif prep.gen is not None:
         for k in ranks:
             with set_rank(model, k):
-                out[k].update(_score_generation(model, tokenizer, prep, config, stop, bar, known and known[k]))
+                out[k].update(_score_generation(model, tokenizer, prep, config, stop, bar, known.get(k)))
     if prep.loss is not None:
         for k, scores in completion_loss(model, prep.loss, config.eval_batch_size, ranks=ranks).items():
             out[k].update(scores)
@@ -247,8 +248,8 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
                 match_hits[str(k)] = hits[k]
         match_seconds = time.perf_counter() - start
     n_gen = len(prep.gen[0]) if prep.gen else 0
-    known = None
-    if config.decode_misses and prep.gen is not None and prep.match is not None:
+    known: dict[int, dict[int, str]] = {}
+    if config.decode_misses:  # EvalConfig checked that metrics has generate and match
         if len(prep.match) != n_gen:
             raise ValueError("decode_misses: match left out examples too long for max_length; raise max_length or "
                              "turn decode_misses off.")
@@ -261,7 +262,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
             timings = {"seconds_all_ranks": time.perf_counter() - start}
         else:
             scored, per_rank_seconds = each_rank(model, todo, lambda k: _score_once(model, tokenizer, prep, config,
-                                                                                   stop, bar, known and known[k]), bar)
+                                                                                   stop, bar, known.get(k)), bar)
             timings = {"seconds_per_rank": per_rank_seconds}
     decoded = {str(k): scored[k].pop("_decoded") for k in todo if "_decoded" in scored[k]}
     for k in todo:
@@ -277,7 +278,7 @@ def evaluate_ranks(model, tokenizer, examples, config: EvalConfig, fewshot=(), c
         "timings": {**timings, "n_examples": len(examples),
                     **({"match_seconds_all_ranks": match_seconds} if match_seconds is not None else {}),
                     **({"generation_draft": draft_stats} if draft_stats is not None else {}),
-                    **({"decoded_rows": decoded} if known is not None else {})},
+                    **({"decoded_rows": decoded} if config.decode_misses else {})},
     }
     if keep_items:
         result["items"] = items
