@@ -349,7 +349,8 @@ def summarize(rows: list[dict], preset: dict, dropped: frozenset = frozenset()) 
             }
         n_test = next((r["n"] for r in t_rows if r["split"] == "test"), 0)
         task_out = {"n_test": n_test, "metric": {"strict": "exact_match_strict", "match": "match"}[metric],
-                    "methods": methods, "plateau": plateau(t_rows), "grid": grid_table(t_rows, preset)}
+                    "methods": methods, "plateau": plateau(t_rows), "grid": grid_table(t_rows, preset),
+                    "strict_minus_match": strict_gap(t_rows)}
         full = [n for n, m in methods.items() if len(m["seeds"]) == len(preset["seeds"])]
         wanted = {variant(m, rule) for m in preset["task_methods"].get(task, preset["methods"]) if m not in dropped
                   for rule in METHODS[m][3]}
@@ -406,6 +407,25 @@ def paired(final: dict, a: str, b: str) -> dict:
                                for m in ("aurac", "log_aurac")}}
 
 
+def strict_gap(rows: list[dict]) -> dict | None:
+    """Strict-match minus match (points) at every rank of every rule, over the test runs scored both
+    ways: how far the cheap teacher-forced metric is from greedy generation on the same adapters."""
+    match = {(r["method"], r["lr"], r["seed"], r["steps"]): r for r in rows
+             if r["split"] == "test" and r["metric"] == "match"}
+    diffs, runs = [], 0
+    for r in rows:
+        m = match.get((r["method"], r["lr"], r["seed"], r["steps"]))
+        if r["split"] != "test" or r["metric"] != "strict" or m is None:
+            continue
+        runs += 1
+        diffs += [v["per_rank"][str(k)] - m["rules"][name]["per_rank"][str(k)]
+                  for name, v in r["rules"].items() for k in RANKS]
+    if not diffs:
+        return None
+    return {"runs": runs, "rank_rows": len(diffs), "mean": statistics.fmean(diffs), "min": min(diffs),
+            "max": max(diffs)}
+
+
 def plateau(rows: list[dict]) -> dict:
     """Validation match AURAC at each snapshot of the final runs, mean over the seeds scored."""
     curves: dict = {}
@@ -456,6 +476,10 @@ def markdown(summary: dict) -> str:
                               f"{d['log_aurac']['mean']:+.1f} ± {d['log_aurac']['std']:.1f} (seeds {d['seeds']})"
                               for ref, d in b["paired"].items() if d.get("aurac"))
             lines += ["", f"Best (AURAC + log-AURAC, among variants with every seed): **{b['name']}**. Paired differences: {diffs or 'n/a'}."]
+        if t.get("strict_minus_match"):
+            g = t["strict_minus_match"]
+            lines += ["", f"Strict-match minus match on the {g['runs']} test run{'s' * (g['runs'] != 1)} scored both ways ({g['rank_rows']} "
+                          f"rule x rank cells): mean {g['mean']:+.2f}, min {g['min']:+.2f}, max {g['max']:+.2f} points."]
         lines += ["", f"Validation match AURAC along the runs ({task}; lr@step, mean over seeds scored):", ""]
         for name, points in sorted(t["plateau"].items()):
             lines.append(f"- {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in points.items()))

@@ -182,6 +182,21 @@ def test_summary_hand_computed(study):
     assert d["aurac"]["mean"] == pytest.approx(((30 - 620 / 31) + (20 - 840 / 31)) / 2)
 
 
+def test_strict_minus_match_pairs_the_same_run(study):
+    """The gap record compares strict and match of the same run only, cell by cell."""
+    def row(seed, metric, accs):
+        ranks = study.RANKS
+        return {"task": "arith", "method": "lora", "lr": 1e-3, "seed": seed, "steps": 600, "split": "test", "n": 400,
+                "metric": metric, "compute_per_step": 1,
+                "rules": {"lora": {"per_rank": {str(k): a for k, a in zip(ranks, accs)}, "base": 0.0,
+                                   "aurac": aurac(ranks, accs), "log_aurac": log_aurac(ranks, accs)}}}
+    rows = [row(42, "match", [10, 20, 30, 40, 50, 60]), row(42, "strict", [10, 20.25, 30, 40, 50, 60.5]),
+            row(666, "match", [0, 0, 0, 0, 0, 0])]  # no strict for 666: not paired with 42's strict
+    gap = study.summarize(rows, dict(study.PRESETS["v2"], tasks=["arith"]))["tasks"]["arith"]["strict_minus_match"]
+    assert gap == {"runs": 1, "rank_rows": 6, "mean": pytest.approx(0.75 / 6), "min": 0.0, "max": 0.5}
+    assert study.strict_gap(rows[:1]) is None
+
+
 @pytest.mark.parametrize("gain,final", [(0.9, 400), (1.0, 600)])
 def test_final_steps_cut_to_400_only_when_every_method_plateaued(study, tmp_path, gain, final):
     s = study.Study(study.PRESETS["v2"], tmp_path / "runs", tmp_path, None, None)
