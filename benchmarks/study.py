@@ -478,8 +478,9 @@ def markdown(summary: dict) -> str:
             lines += ["", f"Best (AURAC + log-AURAC, among variants with every seed): **{b['name']}**. Paired differences: {diffs or 'n/a'}."]
         if t.get("strict_minus_match"):
             g = t["strict_minus_match"]
-            lines += ["", f"Strict-match minus match on the {g['runs']} test run{'s' * (g['runs'] != 1)} scored both ways ({g['rank_rows']} "
-                          f"rule x rank cells): mean {g['mean']:+.2f}, min {g['min']:+.2f}, max {g['max']:+.2f} points."]
+            runs = f"{g['runs']} test run{'s' * (g['runs'] != 1)}"
+            lines += ["", f"Strict-match minus match on the {runs} scored both ways ({g['rank_rows']} rule x rank cells): "
+                          f"mean {g['mean']:+.2f}, min {g['min']:+.2f}, max {g['max']:+.2f} points."]
         lines += ["", f"Validation match AURAC along the runs ({task}; lr@step, mean over seeds scored):", ""]
         for name, points in sorted(t["plateau"].items()):
             lines.append(f"- {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in points.items()))
