@@ -110,6 +110,10 @@ class Study:
         self.deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
         self.base = self.tok = None
         self.grids: dict[tuple[str, str], list[float]] = {}  # (task, method) -> its grid, extensions included
+        # what work took earlier in this process, to stop before a unit that would end past the deadline:
+        # seconds per compute-step of training (per task), seconds per rule of scoring (per task, split, strict)
+        self.step_seconds: dict[str, float] = {}
+        self.rule_seconds: dict[tuple, float] = {}
 
     # -- units of work ------------------------------------------------------------------------
     def scaled(self, method: str, step: int) -> int:
@@ -153,9 +157,10 @@ class Study:
         for target in [self.scaled(method, s) for s in self.p["snapshots"]]:
             if target > step:
                 break
-            if self.trained_to(task, method, lr, seed) >= target:
+            done = self.trained_to(task, method, lr, seed)
+            if done >= target:
                 continue
-            self.check_time()
+            self.check_time(self.train_estimate(task, method, target - done))
             run_dir = self.run_dir(task, method, lr, seed)
             run = self.run_config(task, method, lr, seed, target)
             run = run.replace(resume=latest_checkpoint(run_dir / "checkpoints") is not None)
@@ -163,8 +168,9 @@ class Study:
             start = time.perf_counter()
             model = train(run, base, tok).model
             self.base = model.unload()
-            print(f"[study] trained {task} {method} lr={lr:g} seed={seed} to step {target} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            seconds = time.perf_counter() - start
+            self.step_seconds[task] = seconds / ((target - done) * METHODS[method][2])
+            print(f"[study] trained {task} {method} lr={lr:g} seed={seed} to step {target} ({seconds:.0f} s)", flush=True)
             if target == self.scaled(method, self.p["steps"]):
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: only snapshots are needed
 
@@ -176,17 +182,21 @@ class Study:
         path = self.result_path(task, method, lr, seed, s, split, metric)
         if path.is_file():
             return json.loads(path.read_text())
-        self.train_to(task, method, lr, seed, s)
-        self.check_time()
         metrics = [metric] + (["strict"] if strict_too and metric == "match" else [])
         generate = "strict" in metrics
+        rules = METHODS[method][3]
+        scoring = len(rules) * self.rule_seconds.get((task, split, generate), 0.0)
+        # the whole unit (the rest of its training, then its scoring) must fit, not just its next part
+        self.check_time(self.train_estimate(task, method, s - self.trained_to(task, method, lr, seed)) + scoring)
+        self.train_to(task, method, lr, seed, s)
+        self.check_time(scoring)
         run = self.run_config(task, method, lr, seed, s).replace(
             metrics=["generate", "match"] if generate else ["match"], decode_misses=generate)
         outs = {m: {"task": task, "method": method, "lr": lr, "seed": seed, "steps": s, "split": split, "metric": m,
                     "compute_per_step": METHODS[method][2], "rules": {}} for m in metrics}
         start = time.perf_counter()
         base_scores: dict = {}
-        for rule in METHODS[method][3]:
+        for rule in rules:
             base, tok = self.model()
             model = load_matryoshka_model(base, self.snapshot(task, method, lr, seed, step))
             if rule == "fold":
@@ -208,6 +218,7 @@ class Study:
                 if m == "strict":
                     out.setdefault("decoded_rows", {})[variant(method, rule)] = entry["timings"]["decoded_rows"]
         seconds = time.perf_counter() - start
+        self.rule_seconds[(task, split, generate)] = seconds / len(rules)
         for m in sorted(outs, reverse=True):  # strict first: a match JSON on disk means this pass finished
             out = outs[m]
             out["eval_seconds"] = seconds
@@ -222,9 +233,15 @@ class Study:
         write_summary(self.results, self.p)
         return outs[metric]
 
-    def check_time(self):
-        if time.monotonic() > self.deadline:
+    def check_time(self, expected: float = 0.0):
+        """Stop between units once the deadline is past, or when the next unit, estimated from what the
+        same kind of work took earlier in this process, would end past it (a unit cut off is lost on a
+        new machine). With no estimate yet the unit starts."""
+        if time.monotonic() + expected > self.deadline:
             raise TimeUp
+
+    def train_estimate(self, task, method, steps: int) -> float:
+        return max(steps, 0) * METHODS[method][2] * self.step_seconds.get(task, 0.0)
 
     # -- the protocol -------------------------------------------------------------------------
     def grid(self, method) -> list[float]:
@@ -479,8 +496,8 @@ def markdown(summary: dict) -> str:
         if t.get("strict_minus_match"):
             g = t["strict_minus_match"]
             runs = f"{g['runs']} test run{'s' * (g['runs'] != 1)}"
-            lines += ["", f"Strict-match minus match on the {runs} scored both ways ({g['rank_rows']} rule x rank cells): "
-                          f"mean {g['mean']:+.2f}, min {g['min']:+.2f}, max {g['max']:+.2f} points."]
+            lines += ["", (f"Strict-match minus match on the {runs} scored both ways ({g['rank_rows']} rule x rank "
+                           f"cells): mean {g['mean']:+.2f}, min {g['min']:+.2f}, max {g['max']:+.2f} points.")]
         lines += ["", f"Validation match AURAC along the runs ({task}; lr@step, mean over seeds scored):", ""]
         for name, points in sorted(t["plateau"].items()):
             lines.append(f"- {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in points.items()))
@@ -520,7 +537,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/study2", help="Adapters and checkpoints (not committed).")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "study"),
                     help="Result JSONs and the summary (committed).")
-    ap.add_argument("--max-minutes", type=float, default=None, help="Stop cleanly between units after this long.")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="Stop cleanly between units: at this many minutes, or earlier rather than start a unit "
+                         "(the rest of a run and its scoring) that would not end within them, going by what "
+                         "the same work took earlier in this run.")
     ap.add_argument("--summary-only", action="store_true", help="Rebuild the summary from the result JSONs.")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
