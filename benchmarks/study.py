@@ -76,6 +76,8 @@ METHODS = {
 # New objectives go past their grid only if they beat the baselines there (kept only if they win)
 CANDIDATES = {"multirank@split2"}
 BASELINES = ("lora", "dylora")
+# the summary pairs the best variant with each baseline as trained and in SVD order (the strongest rule)
+PAIRED_WITH = ("lora", "lora+svd", "dylora", "dylora+svd")
 PRESETS = {
     "v2": dict(model="smollm2-135m", tasks=["arith", "wordops"], methods=list(METHODS),
                task_methods={"wordops": ["lora", "dylora", "matryoshka", "multirank@compute", "multirank@split2"]},
@@ -340,7 +342,8 @@ def collect(results: Path) -> list[dict]:
 
 def summarize(rows: list[dict], preset: dict, dropped: frozenset = frozenset()) -> dict:
     """summary.json: per task, per variant at the final step on test (mean/std over seeds), plateau
-    curves on validation, and paired differences of the best variant against lora and dylora.
+    curves on validation, and paired differences of the best variant against lora and dylora, as
+    trained and in SVD order (PAIRED_WITH).
     `dropped`: candidate objectives that lost at their grid (not needed for a complete task)."""
     out = {"protocol": {k: v for k, v in preset.items() if k != "grid"}, "ranks": RANKS, "tasks": {}}
     for task in preset["tasks"]:
@@ -375,7 +378,7 @@ def summarize(rows: list[dict], preset: dict, dropped: frozenset = frozenset()) 
         if full:
             best = max(full, key=lambda n: methods[n]["aurac"]["mean"] + methods[n]["log_aurac"]["mean"])
             task_out["best"] = {"name": best, "paired": {ref: paired((final.get(metric) or {}), best, ref)
-                                                         for ref in ("lora", "dylora") if ref in methods and ref != best}}
+                                                         for ref in PAIRED_WITH if ref in methods and ref != best}}
         out["tasks"][task] = task_out
     out["winner"] = winner(out)
     return out
@@ -471,7 +474,7 @@ def markdown(summary: dict) -> str:
     w = summary.get("winner")
     lines = [f"**Winner over all tasks (mean of AURAC and log-AURAC): {w['name']}** ({w['score']:.1f}; best on both "
              f"AURACs on every task: {'yes' if w['wins_everywhere'] else 'no'}). Defaults: {w['defaults']}, "
-             f"learning rate {w['lr']}.", ""] if w \
+             f"learning rate {w['lr'] if w['lr'] is None else format(w['lr'], 'g')}.", ""] if w \
         else ["Study incomplete: no winner yet.", ""]
     for name, d in summary.get("candidates", {}).items():
         lines += [f"Candidate objective {name} (lr {d['lr']:g}, validation at step {d['grid_step']}): "

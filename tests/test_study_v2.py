@@ -54,7 +54,7 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
     assert json.loads((run / "train_config.json").read_text())["resumed_from"].endswith("checkpoint-2")
     assert not (run / "checkpoints").exists()  # finished runs keep only their snapshots
     assert (tmp_path / "res" / "summary-arith.png").is_file() and "| lora" in (tmp_path / "res" / "summary.md").read_text()
-    assert set(t["best"]["paired"]) == {"lora"} - {t["best"]["name"]}  # dylora was not in this study
+    assert set(t["best"]["paired"]) == {"lora", "lora+svd"} - {t["best"]["name"]}  # dylora was not in this study
     assert t["complete"] is True and summary["winner"]["name"] in t["methods"]
     w = summary["winner"]
     assert w["defaults"] == study.defaults_of(w["name"]) and w["defaults"]["method"] in ("lora", "matryoshka")
