@@ -112,10 +112,22 @@ class Study:
         self.deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
         self.base = self.tok = None
         self.grids: dict[tuple[str, str], list[float]] = {}  # (task, method) -> its grid, extensions included
-        # what work took earlier in this process, to stop before a unit that would end past the deadline:
-        # seconds per compute-step of training (per task), seconds per rule of scoring (per task, split, strict)
-        self.step_seconds: dict[str, float] = {}
-        self.rule_seconds: dict[tuple, float] = {}
+        # what work took on this machine (kept under --out, which is local to it), to stop before a unit
+        # that would end past the deadline: seconds per compute-step of training (per task) and seconds
+        # per rule of scoring (per task, split, strict)
+        speeds = json.loads(self.speeds_path.read_text()) if self.speeds_path.is_file() else {}
+        self.step_seconds: dict[str, float] = speeds.get("step_seconds", {})
+        self.rule_seconds: dict[tuple, float] = {tuple(json.loads(k)): v for k, v in speeds.get("rule_seconds", {}).items()}
+
+    @property
+    def speeds_path(self) -> Path:
+        return self.out / "speeds.json"
+
+    def save_speeds(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.speeds_path, json.dumps({
+            "step_seconds": self.step_seconds,
+            "rule_seconds": {json.dumps(list(k)): v for k, v in self.rule_seconds.items()}}, indent=1) + "\n")
 
     # -- units of work ------------------------------------------------------------------------
     def scaled(self, method: str, step: int) -> int:
@@ -172,6 +184,7 @@ class Study:
             self.base = model.unload()
             seconds = time.perf_counter() - start
             self.step_seconds[task] = seconds / ((target - done) * METHODS[method][2])
+            self.save_speeds()
             print(f"[study] trained {task} {method} lr={lr:g} seed={seed} to step {target} ({seconds:.0f} s)", flush=True)
             if target == self.scaled(method, self.p["steps"]):
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: only snapshots are needed
@@ -221,6 +234,7 @@ class Study:
                     out.setdefault("decoded_rows", {})[variant(method, rule)] = entry["timings"]["decoded_rows"]
         seconds = time.perf_counter() - start
         self.rule_seconds[(task, split, generate)] = seconds / len(rules)
+        self.save_speeds()
         for m in sorted(outs, reverse=True):  # strict first: a match JSON on disk means this pass finished
             out = outs[m]
             out["eval_seconds"] = seconds
@@ -237,8 +251,8 @@ class Study:
 
     def check_time(self, expected: float = 0.0):
         """Stop between units once the deadline is past, or when the next unit, estimated from what the
-        same kind of work took earlier in this process, would end past it (a unit cut off is lost on a
-        new machine). With no estimate yet the unit starts."""
+        same kind of work last took on this machine, would end past it (a unit cut off is lost on a new
+        machine). With no estimate yet the unit starts."""
         if time.monotonic() + expected > self.deadline:
             raise TimeUp
 
@@ -543,7 +557,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="Stop cleanly between units: at this many minutes, or earlier rather than start a unit "
                          "(the rest of a run and its scoring) that would not end within them, going by what "
-                         "the same work took earlier in this run.")
+                         "the same work last took on this machine (<out>/speeds.json).")
     ap.add_argument("--summary-only", action="store_true", help="Rebuild the summary from the result JSONs.")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]

@@ -99,8 +99,8 @@ def test_strict_is_scored_while_the_adapter_is_on_disk(study, tiny_model_dir, tm
 
 
 def test_max_minutes_stops_before_a_unit_that_would_not_fit(study, tiny_model_dir, tmp_path):
-    """A unit (the rest of its training, then its scoring) starts only if what the same work took
-    earlier in this process says it ends within --max-minutes; with no estimate yet it starts."""
+    """A unit (the rest of its training, then its scoring) starts only if what the same work last took
+    on this machine says it ends within --max-minutes; with no estimate yet it starts."""
     s = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
     unit = ("arith", "lora", 1e-3, 42, 2, "validation")
     s.step_seconds["arith"] = 400.0  # 2 steps x 400 s > 10 min: training would not fit
@@ -112,8 +112,13 @@ def test_max_minutes_stops_before_a_unit_that_would_not_fit(study, tiny_model_di
     assert not (tmp_path / "runs").exists() and not (tmp_path / "res").exists()
     s.rule_seconds[("arith", "validation", False)] = 200.0  # 2 x 200 s fit in 10 min
     assert set(s.score(*unit)["rules"]) == {"lora", "lora+svd"}
-    # the estimates are now what this unit took (a tiny model: well under the stand-ins)
+    # the estimates are now what this unit took (a tiny model: well under the stand-ins), kept with the
+    # runs of this machine for the next process
     assert 0 < s.rule_seconds[("arith", "validation", False)] < 200 and s.step_seconds["arith"] not in (1e-3, 400.0)
+    again = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
+    assert (again.step_seconds, again.rule_seconds) == (s.step_seconds, s.rule_seconds)
+    fresh = study.Study(study.PRESETS["tiny"], tmp_path / "other", tmp_path / "res", str(tiny_model_dir), 10.0)
+    assert fresh.step_seconds == fresh.rule_seconds == {}
 
 
 def test_defaults_of_variants(study):
