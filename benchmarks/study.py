@@ -296,7 +296,10 @@ class Study:
                           for step in self.p["snapshots"]} for m in methods}
             finals[task] = self.final_steps(task, curves)
             for seed in self.p["seeds"]:
-                for method in methods:
+                # runs whose adapter is on disk first: scoring them is cheap, and on a new machine they
+                # would be trained again
+                for method in sorted(methods, key=lambda m: not self.snapshot(task, m, picked[m], seed,
+                                                                              finals[task]).is_dir()):
                     # match and strict in one pass, while the adapter is on disk: adapters are not
                     # committed, so a later session (a new machine) would train the run again for it
                     self.score(task, method, picked[method], seed, finals[task], "test", strict_too=True)
