@@ -112,7 +112,7 @@ class Study:
         self.deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
         self.base = self.tok = None
         self.grids: dict[tuple[str, str], list[float]] = {}  # (task, method) -> its grid, extensions included
-        # what work took on this machine (kept under --out, which is local to it), to stop before a unit
+        # what work took on this machine (kept under --out, which is local to it), to stop before work
         # that would end past the deadline: seconds per compute-step of training (per task) and seconds
         # per rule of scoring (per task, split, strict)
         speeds = json.loads(self.speeds_path.read_text()) if self.speeds_path.is_file() else {}
@@ -201,8 +201,8 @@ class Study:
         generate = "strict" in metrics
         rules = METHODS[method][3]
         scoring = len(rules) * self.rule_seconds.get((task, split, generate), 0.0)
-        # the whole unit (the rest of its training, then its scoring) must fit, not just its next part
-        self.check_time(self.train_estimate(task, method, s - self.trained_to(task, method, lr, seed)) + scoring)
+        # training runs segment by segment, each only if it fits (its checkpoint resumes the run on this
+        # machine), so a chunk's last minutes are not idle; scoring starts only if all of it fits
         self.train_to(task, method, lr, seed, s)
         self.check_time(scoring)
         run = self.run_config(task, method, lr, seed, s).replace(
@@ -250,9 +250,9 @@ class Study:
         return outs[metric]
 
     def check_time(self, expected: float = 0.0):
-        """Stop between units once the deadline is past, or when the next unit, estimated from what the
-        same kind of work last took on this machine, would end past it (a unit cut off is lost on a new
-        machine). With no estimate yet the unit starts."""
+        """Stop once the deadline is past, or when the next piece of work (a training segment, or one
+        run's scoring), estimated from what the same kind of work last took on this machine, would end
+        past it: a piece cut off is lost. With no estimate yet the piece starts."""
         if time.monotonic() + expected > self.deadline:
             raise TimeUp
 
@@ -558,9 +558,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "study"),
                     help="Result JSONs and the summary (committed).")
     ap.add_argument("--max-minutes", type=float, default=None,
-                    help="Stop cleanly between units: at this many minutes, or earlier rather than start a unit "
-                         "(the rest of a run and its scoring) that would not end within them, going by what "
-                         "the same work last took on this machine (<out>/speeds.json).")
+                    help="Stop cleanly at this many minutes, or earlier rather than start a training segment "
+                         "or a run's scoring that would not end within them, going by what the same work last "
+                         "took on this machine (<out>/speeds.json). A run stopped between segments resumes from "
+                         "its checkpoint when --out is still there.")
     ap.add_argument("--summary-only", action="store_true", help="Rebuild the summary from the result JSONs.")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]

@@ -106,20 +106,23 @@ def test_strict_is_scored_while_the_adapter_is_on_disk(study, tiny_model_dir, tm
     assert not (tmp_path / "runs" / "arith" / "matryoshka").exists()  # nothing else was trained again
 
 
-def test_max_minutes_stops_before_a_unit_that_would_not_fit(study, tiny_model_dir, tmp_path):
-    """A unit (the rest of its training, then its scoring) starts only if what the same work last took
-    on this machine says it ends within --max-minutes; with no estimate yet it starts."""
+def test_max_minutes_stops_before_work_that_would_not_fit(study, tiny_model_dir, tmp_path):
+    """A training segment, and then a run's scoring, start only if what the same work last took on this
+    machine says they end within --max-minutes; with no estimate yet they start."""
     s = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
     unit = ("arith", "lora", 1e-3, 42, 2, "validation")
     s.step_seconds["arith"] = 400.0  # 2 steps x 400 s > 10 min: training would not fit
     with pytest.raises(study.TimeUp):
         s.score(*unit)
+    assert not (tmp_path / "runs").exists()
     s.step_seconds["arith"], s.rule_seconds[("arith", "validation", False)] = 1e-3, 400.0  # 2 rules x 400 s
-    with pytest.raises(study.TimeUp):  # training fits, its scoring would not: the run is not started
+    with pytest.raises(study.TimeUp):  # training fits and runs (it resumes here later), scoring would not
         s.score(*unit)
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "res").exists()
+    assert s.trained_to("arith", "lora", 1e-3, 42) == 2 and not (tmp_path / "res").exists()
+    trained = s.step_seconds["arith"]
     s.rule_seconds[("arith", "validation", False)] = 200.0  # 2 x 200 s fit in 10 min
     assert set(s.score(*unit)["rules"]) == {"lora", "lora+svd"}
+    assert s.step_seconds["arith"] == trained  # scored without training again
     # the estimates are now what this unit took (a tiny model: well under the stand-ins), kept with the
     # runs of this machine for the next process
     assert 0 < s.rule_seconds[("arith", "validation", False)] < 200 and s.step_seconds["arith"] not in (1e-3, 400.0)
