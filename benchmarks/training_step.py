@@ -1,8 +1,11 @@
-"""Training step cost: plain PEFT LoRA against our lora / dylora / matryoshka, and the base-only floor.
+"""Training step cost: plain PEFT LoRA against our lora / dylora / matryoshka / multirank-split2, and
+the base-only floor.
 
 Ours run the fused LoRA forward (core/fused.py, the default); `matryoshka_unfused` runs PEFT's
 forward plus the P hook, the path before it. The optimizer is the Trainer's default,
-AdamW(fused=True) (`adamw_torch_fused`).
+AdamW(fused=True) (`adamw_torch_fused`). `multirank-split2` is the study's candidate
+`multirank@split2` (`ranks_per_step=2, multirank_rows="split"`): the batch's rows are dealt over
+rank R and one drawn rank, one masked forward/backward, as `MultirankLoss.training_step` runs it.
 
 One step = forward with labels + backward + AdamW step + zero_grad, at the same model, batch,
 sequence length, target modules ("all-linear") and R. All variants share the frozen base
@@ -18,6 +21,8 @@ update). No adapter method can be cheaper.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -35,17 +40,20 @@ from .common import (
     summarize,
 )
 
-VARIANTS = ("peft_lora", "lora", "dylora", "matryoshka", "matryoshka_unfused", "base_only")
+VARIANTS = ("peft_lora", "lora", "dylora", "matryoshka", "matryoshka_unfused", "multirank-split2", "base_only")
 REFERENCE = "peft_lora"
 ADAPTER_SEED = 1
 
 
-def build_variant(base: torch.nn.Module, variant: str, r: int):
-    """(model, optimizer or None, per-step hook or None) for one variant over `base`'s shared weights."""
+def build_variant(base: torch.nn.Module, variant: str, r: int, batch: int = 1):
+    """(model, optimizer or None, per-step hook or None) for one variant over `base`'s shared weights.
+
+    The hook runs before each step; a hook that returns a context manager has the step run inside it.
+    """
     from peft import LoraConfig, get_peft_model
 
     from matryoshka_lora.core.config import MatryoshkaConfig
-    from matryoshka_lora.core.model import draw_rank, get_matryoshka_model
+    from matryoshka_lora.core.model import draw_rank, get_controller, get_matryoshka_model, set_row_ranks
 
     model = share_copy(base)
     before_step = None
@@ -56,6 +64,12 @@ def build_variant(base: torch.nn.Module, variant: str, r: int):
     if variant == "peft_lora":
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules="all-linear", lora_dropout=0.0,
                                                  bias="none"))
+    elif variant == "multirank-split2":
+        model = get_matryoshka_model(model, MatryoshkaConfig(r=r, method="multirank", ranks_per_step=2,
+                                                             multirank_rows="split", target_modules="all-linear"))
+        controller, steps = get_controller(model), iter(range(1 << 62))
+        # the step's row ranks, as MultirankLoss.training_step deals them (a new draw every step)
+        before_step = lambda: set_row_ranks(model, controller.split_rows(next(steps), 0, batch))  # noqa: E731
     else:  # ours: the fused forward (the default), or PEFT's forward plus the P hook ("_unfused")
         method, _, unfused = variant.partition("_")
         model = get_matryoshka_model(model, MatryoshkaConfig(r=r, method=method, target_modules="all-linear"),
@@ -102,10 +116,10 @@ def init_state(optimizer: torch.optim.Optimizer) -> None:
 
 def make_step(model, optimizer, before_step, input_ids):
     def step():
-        if before_step is not None:
-            before_step()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
+        context = before_step() if before_step is not None else None
+        with context if hasattr(context, "__enter__") else contextlib.nullcontext():
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -141,7 +155,7 @@ def run(shape: str = "smollm2-135m", ranks=(8, 32, 128), batch: int = 1, seq: in
     }
     for r in ranks:
         log(f"training step: {shape} R={r}")
-        built = {v: build_variant(base, v, r) for v in variants}
+        built = {v: build_variant(base, v, r, batch) for v in variants}
         steps = {v: make_step(m, opt, hook, input_ids) for v, (m, opt, hook) in built.items()}
         if str(device).startswith("cuda"):
             for step in steps.values():  # cuBLAS workspaces are allocated once per process: not by one variant

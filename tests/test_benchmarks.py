@@ -98,6 +98,27 @@ def test_run_all_quick_writes_the_full_structure(tmp_path):
     assert tables.count("| peft_lora |") == 1 and "merged_unloaded" in tables
 
 
+def test_multirank_split2_step_runs_under_the_dealt_row_ranks():
+    """The benchmark's multirank-split2 step trains as MultirankLoss does: each step's forward and
+    backward see the rows dealt over rank R and one drawn rank, and training mode comes back after."""
+    import torch
+
+    from matryoshka_lora.core.model import get_controller
+
+    base = common.build_base("tiny", layers=1)
+    model, optimizer, before_step = training_step.build_variant(base, "multirank-split2", r=4, batch=4)
+    controller = get_controller(model)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(controller.mode.tolist()))
+    step = training_step.make_step(model, optimizer, before_step, torch.randint(0, 100, (4, 6)))
+    for _ in range(3):
+        step()
+    handle.remove()
+    assert controller.mode is None
+    for n, rows in enumerate(seen):
+        assert rows == controller.split_rows(n, 0, 4) and max(rows) == 4 and len(set(rows)) == 2
+
+
 def test_each_module_runs_alone(tiny_model_dir):
     assert "per_r" in training_step.run("tiny", ranks=(4,), batch=1, seq=8, rounds=1, variants=("peft_lora", "matryoshka"))
     passes = sweep_passes.run(model_name=str(tiny_model_dir), steps=2, problems=3, max_new_tokens=4, batch_size=8,
