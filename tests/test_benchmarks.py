@@ -114,7 +114,7 @@ def test_multirank_split2_step_runs_under_the_dealt_row_ranks():
     for _ in range(3):
         step()
     handle.remove()
-    assert controller.mode is None
+    assert controller.mode is None and len(seen) == 3
     for n, rows in enumerate(seen):
         assert rows == controller.split_rows(n, 0, 4) and max(rows) == 4 and len(set(rows)) == 2
 
