@@ -23,6 +23,7 @@ update). No adapter method can be cheaper.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 
@@ -67,7 +68,7 @@ def build_variant(base: torch.nn.Module, variant: str, r: int, batch: int = 1):
     elif variant == "multirank-split2":
         model = get_matryoshka_model(model, MatryoshkaConfig(r=r, method="multirank", ranks_per_step=2,
                                                              multirank_rows="split", target_modules="all-linear"))
-        controller, steps = get_controller(model), iter(range(1 << 62))
+        controller, steps = get_controller(model), itertools.count()
         # the step's row ranks, as MultirankLoss.training_step deals them (a new draw every step)
         before_step = lambda: set_row_ranks(model, controller.split_rows(next(steps), 0, batch))  # noqa: E731
     else:  # ours: the fused forward (the default), or PEFT's forward plus the P hook ("_unfused")
