@@ -114,7 +114,7 @@ class Study:
         self.grids: dict[tuple[str, str], list[float]] = {}  # (task, method) -> its grid, extensions included
         # what work took on this machine (kept under --out, which is local to it), to stop before work
         # that would end past the deadline: seconds per compute-step of training (per task) and seconds
-        # per rule of scoring (per task, split, strict)
+        # per rule of scoring (per task, split, strict, and per method too)
         speeds = json.loads(self.speeds_path.read_text()) if self.speeds_path.is_file() else {}
         self.step_seconds: dict[str, float] = speeds.get("step_seconds", {})
         self.rule_seconds: dict[tuple, float] = {tuple(json.loads(k)): v for k, v in speeds.get("rule_seconds", {}).items()}
@@ -200,7 +200,10 @@ class Study:
         metrics = [metric] + (["strict"] if strict_too and metric == "match" else [])
         generate = "strict" in metrics
         rules = METHODS[method][3]
-        scoring = len(rules) * self.rule_seconds.get((task, split, generate), 0.0)
+        # per rule, as this method last took (decoding what its rules miss varies 2x between methods),
+        # else as any method did
+        kind = (task, split, generate)
+        scoring = len(rules) * self.rule_seconds.get(kind + (method,), self.rule_seconds.get(kind, 0.0))
         # training runs segment by segment, each only if it fits (its checkpoint resumes the run on this
         # machine), so a chunk's last minutes are not idle; scoring starts only if all of it fits
         self.train_to(task, method, lr, seed, s)
@@ -233,7 +236,7 @@ class Study:
                 if m == "strict":
                     out.setdefault("decoded_rows", {})[variant(method, rule)] = entry["timings"]["decoded_rows"]
         seconds = time.perf_counter() - start
-        self.rule_seconds[(task, split, generate)] = seconds / len(rules)
+        self.rule_seconds[kind] = self.rule_seconds[kind + (method,)] = seconds / len(rules)
         self.save_speeds()
         for m in sorted(outs, reverse=True):  # strict first: a match JSON on disk means this pass finished
             out = outs[m]

@@ -108,7 +108,8 @@ def test_strict_is_scored_while_the_adapter_is_on_disk(study, tiny_model_dir, tm
 
 def test_max_minutes_stops_before_work_that_would_not_fit(study, tiny_model_dir, tmp_path):
     """A training segment, and then a run's scoring, start only if what the same work last took on this
-    machine says they end within --max-minutes; with no estimate yet they start."""
+    machine (for scoring: by the same method, else by any) says they end within --max-minutes; with no
+    estimate yet they start."""
     s = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
     unit = ("arith", "lora", 1e-3, 42, 2, "validation")
     s.step_seconds["arith"] = 400.0  # 2 steps x 400 s > 10 min: training would not fit
@@ -126,6 +127,15 @@ def test_max_minutes_stops_before_work_that_would_not_fit(study, tiny_model_dir,
     # the estimates are now what this unit took (a tiny model: well under the stand-ins), kept with the
     # runs of this machine for the next process
     assert 0 < s.rule_seconds[("arith", "validation", False)] < 200 and s.step_seconds["arith"] not in (1e-3, 400.0)
+    assert s.rule_seconds[("arith", "validation", False, "lora")] == s.rule_seconds[("arith", "validation", False)]
+    # a method's own scoring time wins over any method's (decoding what its rules miss differs by method)
+    s.rule_seconds[("arith", "validation", False, "lora")] = 400.0
+    with pytest.raises(study.TimeUp):
+        s.score("arith", "lora", 1e-3, 666, 2, "validation")
+    assert s.trained_to("arith", "lora", 1e-3, 666) == 2
+    s.rule_seconds[("arith", "validation", False, "lora")] = 0.1  # the task-wide 400 s below no longer stops it
+    s.rule_seconds[("arith", "validation", False)] = 400.0
+    assert set(s.score("arith", "lora", 1e-3, 666, 2, "validation")["rules"]) == {"lora", "lora+svd"}
     again = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
     assert (again.step_seconds, again.rule_seconds) == (s.step_seconds, s.rule_seconds)
     fresh = study.Study(study.PRESETS["tiny"], tmp_path / "other", tmp_path / "res", str(tiny_model_dir), 10.0)
