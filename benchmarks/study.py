@@ -207,7 +207,10 @@ class Study:
         # training runs segment by segment, each only if it fits (its checkpoint resumes the run on this
         # machine), so a chunk's last minutes are not idle; scoring starts only if all of it fits
         self.train_to(task, method, lr, seed, s)
-        self.check_time(scoring)
+        try:
+            self.check_time(scoring)
+        except TimeUp:
+            raise ScoringDoesNotFit from None
         run = self.run_config(task, method, lr, seed, s).replace(
             metrics=["generate", "match"] if generate else ["match"], decode_misses=generate)
         outs = {m: {"task": task, "method": method, "lr": lr, "seed": seed, "steps": s, "split": split, "metric": m,
@@ -287,6 +290,7 @@ class Study:
         objective (CANDIDATES) goes past its grid only if it beat the baselines there."""
         first = self.p["tasks"][0]
         picked, finals, kept = {}, {}, {}
+        deferred = False  # a trained run whose scoring did not fit this chunk
         for task in self.p["tasks"]:
             methods = self.p["task_methods"].get(task, self.p["methods"])
             for method in methods:
@@ -305,16 +309,24 @@ class Study:
                                                                               finals[task]).is_dir()):
                     # match and strict in one pass, while the adapter is on disk: adapters are not
                     # committed, so a later session (a new machine) would train the run again for it
-                    self.score(task, method, picked[method], seed, finals[task], "test", strict_too=True)
-                    if self.snapshot(task, method, picked[method], seed, finals[task]).is_dir():
-                        self.score(task, method, picked[method], seed, finals[task], "test", "strict")
+                    try:
+                        self.score(task, method, picked[method], seed, finals[task], "test", strict_too=True)
+                        if self.snapshot(task, method, picked[method], seed, finals[task]).is_dir():
+                            self.score(task, method, picked[method], seed, finals[task], "test", "strict")
+                    except ScoringDoesNotFit:  # its adapter waits on this machine; train the next run meanwhile
+                        deferred = True
                     if seed != self.p["grid_seed"]:  # trained only to the final step: the checkpoints are done
                         shutil.rmtree(self.run_dir(task, method, picked[method], seed) / "checkpoints",
                                       ignore_errors=True)
         for task in self.p["tasks"]:  # strict for the runs whose adapters were gone: trained again
             for seed in self.p["seeds"]:
                 for method in kept[task]:
-                    self.score(task, method, picked[method], seed, finals[task], "test", "strict")
+                    try:
+                        self.score(task, method, picked[method], seed, finals[task], "test", "strict")
+                    except ScoringDoesNotFit:  # its adapter waits on this machine; train the next run meanwhile
+                        deferred = True
+        if deferred:
+            raise TimeUp
 
     def candidate_kept(self, task, method, lr) -> bool:
         """A candidate objective stays in the study when its best validation AURAC and log-AURAC at the
@@ -352,6 +364,11 @@ class Study:
 
 class TimeUp(Exception):
     """--max-minutes ran out; the study stops between units."""
+
+
+class ScoringDoesNotFit(TimeUp):
+    """A run is trained but its scoring would end past --max-minutes: a later chunk scores it from its
+    adapter on this machine."""
 
 
 # -- summary ----------------------------------------------------------------------------------
@@ -564,7 +581,8 @@ def main(argv=None) -> dict:
                     help="Stop cleanly at this many minutes, or earlier rather than start a training segment "
                          "or a run's scoring that would not end within them, going by what the same work last "
                          "took on this machine (<out>/speeds.json). A run stopped between segments resumes from "
-                         "its checkpoint when --out is still there.")
+                         "its checkpoint when --out is still there; a trained-again run whose scoring would "
+                         "not fit waits there for the next chunk while the next run trains.")
     ap.add_argument("--summary-only", action="store_true", help="Rebuild the summary from the result JSONs.")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]

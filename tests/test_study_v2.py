@@ -106,6 +106,39 @@ def test_strict_is_scored_while_the_adapter_is_on_disk(study, tiny_model_dir, tm
     assert not (tmp_path / "runs" / "arith" / "matryoshka").exists()  # nothing else was trained again
 
 
+def test_a_retrain_whose_scoring_does_not_fit_waits_while_the_next_run_trains(study, tiny_model_dir, tmp_path):
+    """In the last phase (strict for runs whose adapters were gone), a run whose scoring would end past
+    --max-minutes keeps its adapter for a later chunk, and the chunk trains and scores the next run."""
+    argv = ["--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res")]
+    assert study.main(argv)["complete"] is True
+    strict = {m: next((tmp_path / "res" / "arith" / m).glob("lr*/seed666/step4-test-strict.json"))
+              for m in ("lora", "matryoshka")}
+    for f in strict.values():
+        f.unlink()
+    shutil.rmtree(tmp_path / "runs")  # a new machine: both runs are trained again
+    s = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
+    s.rule_seconds[("arith", "test", True, "lora")] = 1e6  # lora's scoring would not fit, matryoshka's would
+    with pytest.raises(study.TimeUp):
+        s.plan()
+    lora_run = strict["lora"].parent.relative_to(tmp_path / "res")
+    assert (tmp_path / "runs" / lora_run / "snapshots" / "step-4").is_dir() and not strict["lora"].exists()
+    assert strict["matryoshka"].is_file()
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / lora_run).rglob("*") if p.is_file()}
+    again = study.main(argv)  # the next chunk scores lora from its adapter, without training it again
+    assert again["complete"] is True and strict["lora"].is_file()
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+    # the same when the waiting adapter is already on disk (scored right after its test match)
+    for f in strict.values():
+        f.unlink()
+    shutil.rmtree(tmp_path / "runs" / strict["matryoshka"].parent.relative_to(tmp_path / "res"))
+    s = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
+    s.rule_seconds[("arith", "test", True, "lora")] = 1e6
+    with pytest.raises(study.TimeUp):
+        s.plan()
+    assert strict["matryoshka"].is_file() and not strict["lora"].exists()
+
+
 def test_max_minutes_stops_before_work_that_would_not_fit(study, tiny_model_dir, tmp_path):
     """A training segment, and then a run's scoring, start only if what the same work last took on this
     machine (for scoring: by the same method, else by any) says they end within --max-minutes; with no
