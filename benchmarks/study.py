@@ -207,10 +207,7 @@ class Study:
         # training runs segment by segment, each only if it fits (its checkpoint resumes the run on this
         # machine), so a chunk's last minutes are not idle; scoring starts only if all of it fits
         self.train_to(task, method, lr, seed, s)
-        try:
-            self.check_time(scoring)
-        except TimeUp:
-            raise ScoringDoesNotFit from None
+        self.check_time(scoring, ScoringDoesNotFit)
         run = self.run_config(task, method, lr, seed, s).replace(
             metrics=["generate", "match"] if generate else ["match"], decode_misses=generate)
         outs = {m: {"task": task, "method": method, "lr": lr, "seed": seed, "steps": s, "split": split, "metric": m,
@@ -255,12 +252,13 @@ class Study:
         write_summary(self.results, self.p)
         return outs[metric]
 
-    def check_time(self, expected: float = 0.0):
+    def check_time(self, expected: float = 0.0, error: type[Exception] | None = None):
         """Stop once the deadline is past, or when the next piece of work (a training segment, or one
         run's scoring), estimated from what the same kind of work last took on this machine, would end
-        past it: a piece cut off is lost. With no estimate yet the piece starts."""
+        past it: a piece cut off is lost. With no estimate yet the piece starts. Raises `error` (a
+        TimeUp subclass) if given, else TimeUp."""
         if time.monotonic() + expected > self.deadline:
-            raise TimeUp
+            raise (error or TimeUp)()
 
     def train_estimate(self, task, method, steps: int) -> float:
         return max(steps, 0) * METHODS[method][2] * self.step_seconds.get(task, 0.0)
