@@ -391,21 +391,13 @@ def summarize(rows: list[dict], preset: dict, dropped: frozenset = frozenset()) 
                     final.setdefault(metric, {}).setdefault(name, []).append((r, v))
         metric = "strict" if final.get("strict") and all(
             len(final["strict"].get(n, [])) == len(final["match"][n]) for n in final.get("match", {})) else "match"
-        methods = {}
-        for name, runs in sorted((final.get(metric) or {}).items()):
-            runs.sort(key=lambda rv: rv[0]["seed"])
-            methods[name] = {
-                "seeds": [r["seed"] for r, _ in runs], "steps": runs[0][0]["steps"], "lr": runs[0][0]["lr"],
-                "compute_per_step": runs[0][0]["compute_per_step"],
-                "per_rank": {str(k): _mean_std([v["per_rank"][str(k)] for _, v in runs]) for k in RANKS},
-                "aurac": _mean_std([v["aurac"] for _, v in runs]),
-                "log_aurac": _mean_std([v["log_aurac"] for _, v in runs]),
-                "base": runs[0][1]["base"],
-            }
+        methods = method_table(final.get(metric) or {})
         n_test = next((r["n"] for r in t_rows if r["split"] == "test"), 0)
         task_out = {"n_test": n_test, "metric": {"strict": "exact_match_strict", "match": "match"}[metric],
                     "methods": methods, "plateau": plateau(t_rows), "grid": grid_table(t_rows, preset),
                     "strict_minus_match": strict_gap(t_rows)}
+        if metric == "match" and final.get("strict"):  # the strict runs scored so far, until they cover match's
+            task_out["strict_so_far"] = method_table(final["strict"])
         full = [n for n, m in methods.items() if len(m["seeds"]) == len(preset["seeds"])]
         wanted = {variant(m, rule) for m in preset["task_methods"].get(task, preset["methods"]) if m not in dropped
                   for rule in METHODS[m][3]}
@@ -417,6 +409,22 @@ def summarize(rows: list[dict], preset: dict, dropped: frozenset = frozenset()) 
         out["tasks"][task] = task_out
     out["winner"] = winner(out)
     return out
+
+
+def method_table(final: dict) -> dict:
+    """Per variant: seeds, steps, lr and the mean/std over seeds of every rank and both AURACs."""
+    methods = {}
+    for name, runs in sorted(final.items()):
+        runs = sorted(runs, key=lambda rv: rv[0]["seed"])
+        methods[name] = {
+            "seeds": [r["seed"] for r, _ in runs], "steps": runs[0][0]["steps"], "lr": runs[0][0]["lr"],
+            "compute_per_step": runs[0][0]["compute_per_step"],
+            "per_rank": {str(k): _mean_std([v["per_rank"][str(k)] for _, v in runs]) for k in RANKS},
+            "aurac": _mean_std([v["aurac"] for _, v in runs]),
+            "log_aurac": _mean_std([v["log_aurac"] for _, v in runs]),
+            "base": runs[0][1]["base"],
+        }
+    return methods
 
 
 # The MatryoshkaConfig fields that tell the variants of METHODS apart (the rest keep their defaults).
@@ -505,6 +513,18 @@ def grid_table(rows: list[dict], preset: dict) -> dict:
     return out
 
 
+def table_markdown(methods: dict, ranks) -> list[str]:
+    """One row per variant, best AURAC first: lr, steps, seeds, every rank and both AURACs (mean ± std)."""
+    lines = ["| method | lr | steps | seeds | " + " | ".join(f"r={k}" for k in ranks) + " | AURAC | log-AURAC |",
+             "|" + "---|" * (len(ranks) + 6)]
+    for name, m in sorted(methods.items(), key=lambda kv: -kv[1]["aurac"]["mean"]):
+        cells = [f"{m['per_rank'][str(k)]['mean']:.1f} ± {m['per_rank'][str(k)]['std']:.1f}" for k in ranks]
+        lines.append(f"| {name} | {m['lr']:g} | {m['steps']} | {len(m['seeds'])} | " + " | ".join(cells)
+                     + f" | {m['aurac']['mean']:.1f} ± {m['aurac']['std']:.1f} | "
+                       f"{m['log_aurac']['mean']:.1f} ± {m['log_aurac']['std']:.1f} |")
+    return lines
+
+
 def markdown(summary: dict) -> str:
     w = summary.get("winner")
     lines = [f"**Winner over all tasks (mean of AURAC and log-AURAC): {w['name']}** ({w['score']:.1f}; best on both "
@@ -517,14 +537,8 @@ def markdown(summary: dict) -> str:
                   f"{d['candidate']['log_aurac']:.1f} against the best baseline grid run's "
                   f"{d['best_baseline']['aurac']:.1f} / {d['best_baseline']['log_aurac']:.1f}.", ""]
     for task, t in summary["tasks"].items():
-        lines += [f"### {task}: test split, {t['n_test']} problems, {t['metric']} (%), mean ± std over seeds", "",
-                  "| method | lr | steps | seeds | " + " | ".join(f"r={k}" for k in summary["ranks"])
-                  + " | AURAC | log-AURAC |", "|" + "---|" * (len(summary["ranks"]) + 6)]
-        for name, m in sorted(t["methods"].items(), key=lambda kv: -kv[1]["aurac"]["mean"]):
-            cells = [f"{m['per_rank'][str(k)]['mean']:.1f} ± {m['per_rank'][str(k)]['std']:.1f}" for k in summary["ranks"]]
-            lines.append(f"| {name} | {m['lr']:g} | {m['steps']} | {len(m['seeds'])} | " + " | ".join(cells)
-                         + f" | {m['aurac']['mean']:.1f} ± {m['aurac']['std']:.1f} | "
-                           f"{m['log_aurac']['mean']:.1f} ± {m['log_aurac']['std']:.1f} |")
+        lines += [f"### {task}: test split, {t['n_test']} problems, {t['metric']} (%), mean ± std over seeds", ""]
+        lines += table_markdown(t["methods"], summary["ranks"])
         if t.get("best"):
             b = t["best"]
             diffs = "; ".join(f"vs {ref}: AURAC {d['aurac']['mean']:+.1f} ± {d['aurac']['std']:.1f}, log-AURAC "
@@ -536,6 +550,10 @@ def markdown(summary: dict) -> str:
             runs = f"{g['runs']} test run{'s' * (g['runs'] != 1)}"
             lines += ["", (f"Strict-match minus match on the {runs} scored both ways ({g['rank_rows']} rule x rank "
                            f"cells): mean {g['mean']:+.2f}, min {g['min']:+.2f}, max {g['max']:+.2f} points.")]
+        if t.get("strict_so_far"):
+            lines += ["", f"Strict-match so far ({task}, test; the table above turns strict once every variant has "
+                          "all its seeds scored strict):", ""]
+            lines += table_markdown(t["strict_so_far"], summary["ranks"])
         lines += ["", f"Validation match AURAC along the runs ({task}; lr@step, mean over seeds scored):", ""]
         for name, points in sorted(t["plateau"].items()):
             lines.append(f"- {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in points.items()))

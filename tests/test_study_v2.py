@@ -228,7 +228,7 @@ def test_summary_aurac_is_aurac_of_mean_per_rank(study):
     ranks = summary["ranks"]
     checked = 0
     for t in summary["tasks"].values():
-        for m in t["methods"].values():
+        for m in [*t["methods"].values(), *t.get("strict_so_far", {}).values()]:
             means = [m["per_rank"][str(k)]["mean"] for k in ranks]
             # numpy's trapezoid rule, independent of metrics.py: AURAC is linear in the per-rank accuracies
             x, logx = np.array(ranks, dtype=float), np.log2(ranks)
@@ -257,6 +257,14 @@ def test_summary_hand_computed(study):
     assert s["best"]["name"] == "lora+svd"
     d = s["best"]["paired"]["lora"]
     assert d["aurac"]["mean"] == pytest.approx(((30 - 620 / 31) + (20 - 840 / 31)) / 2)
+    assert "strict_so_far" not in s
+
+    # strict-match at one seed: the table stays on match (seed 666 lacks strict), strict is shown beside it
+    s = study.summarize(rows + [row(42, "lora+svd", [30, 30, 40, 30, 30, 30], "strict")], preset)["tasks"]["arith"]
+    assert s["metric"] == "match" and s["methods"]["lora+svd"]["per_rank"]["4"]["mean"] == 25.0
+    assert list(s["strict_so_far"]) == ["lora+svd"] and s["strict_so_far"]["lora+svd"]["seeds"] == [42]
+    assert s["strict_so_far"]["lora+svd"]["per_rank"]["4"] == {"mean": 40.0, "std": 0.0}
+    assert "Strict-match so far (arith" in study.markdown({"ranks": study.RANKS, "tasks": {"arith": s}})
 
 
 def test_strict_minus_match_pairs_the_same_run(study):
