@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # study.py beside this file (the v2 preset; the folders' owner)
 
 from matryoshka_lora import MatryoshkaConfig, fold_p, get_matryoshka_model  # noqa: E402
 from matryoshka_lora.comparison import SharedBase, mean_std  # noqa: E402
@@ -259,6 +260,8 @@ def main(argv=None) -> dict:
     args.results = args.results or str(ROOT / "benchmarks" / "results" / "accuracy")
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    from study import claim  # benchmarks/study.py: finished runs under --out are reused, so they must be this model's
+    claim(Path(args.out), args.model, "smollm2-135m")
     study = Study(args)
     started = time.perf_counter()
     results = {"command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),

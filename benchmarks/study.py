@@ -586,6 +586,25 @@ def write_summary(results: Path, preset: dict) -> dict:
     return summary
 
 
+def claim(folder: Path, model: str, preset_model: str | None) -> None:
+    """A study's folders hold one model's runs: finished runs are reused by path, which does not name the
+    model, so another model's would be taken for this one's. The first run writes `model.json`."""
+    marker = folder / "model.json"
+    if marker.is_file():
+        owner = json.loads(marker.read_text())["model"]
+    elif any(folder.glob("*/*/lr*/seed*")):
+        owner = preset_model or model  # written before the marker existed: the preset's model
+    else:
+        owner = model
+    if owner != model:
+        raise SystemExit(f"{folder} holds the study runs of model {owner!r}, not {model!r}, and finished runs "
+                         "would be reused across models. Give this model folders of its own, e.g. "
+                         "--out runs/study-other --results runs/study-other-results.")
+    if not marker.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"model": model}) + "\n")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="v2")
@@ -607,6 +626,8 @@ def main(argv=None) -> dict:
     study = Study(preset, Path(args.out), results, args.model, args.max_minutes)
     done = True
     if not args.summary_only:
+        for folder in (results, Path(args.out)):
+            claim(folder, study.model_name, preset["model"])
         started = time.perf_counter()
         try:
             study.plan()

@@ -48,3 +48,6 @@ def test_tiny_study_runs_and_resumes(study, tiny_model_dir, tmp_path):
             assert p.stat().st_mtime_ns == stamps[p]  # reused, not retrained
     assert json.loads(json.dumps(second["tasks"]["arith"]["methods"]["lora"]["per_rank"])) == \
         json.loads(json.dumps(first["tasks"]["arith"]["methods"]["lora"]["per_rank"]))
+    # the runs under --out are this model's: another model would reuse them, so it is refused
+    with pytest.raises(SystemExit, match="not 'other/model'"):
+        study.main([*argv[:2], "--model", "other/model", *argv[4:]])

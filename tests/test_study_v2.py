@@ -59,6 +59,21 @@ def test_tiny_study_in_chunks_then_complete(study, tiny_model_dir, tmp_path):
     w = summary["winner"]
     assert w["defaults"] == study.defaults_of(w["name"]) and w["defaults"]["method"] in ("lora", "matryoshka")
     assert w["lr"] == t["methods"][w["name"]]["lr"]  # one task: its picked rate
+    # the folders are this model's: another model would reuse its finished runs, so it is refused
+    with pytest.raises(SystemExit, match="--out runs/study-other"):
+        study.main([*argv[:2], "--model", "other/model", *argv[4:]])
+
+
+def test_folders_without_a_marker_belong_to_the_preset_model(study, tmp_path):
+    """Results written before model.json existed are the preset's model's; an empty folder takes any model."""
+    (tmp_path / "res" / "arith" / "lora" / "lr0.001" / "seed42").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="'smollm2-135m', not 'other/model'"):
+        study.claim(tmp_path / "res", "other/model", "smollm2-135m")
+    assert not (tmp_path / "res" / "model.json").exists()
+    study.claim(tmp_path / "res", "smollm2-135m", "smollm2-135m")
+    assert json.loads((tmp_path / "res" / "model.json").read_text()) == {"model": "smollm2-135m"}
+    study.claim(tmp_path / "empty", "other/model", "smollm2-135m")
+    assert json.loads((tmp_path / "empty" / "model.json").read_text()) == {"model": "other/model"}
 
 
 def test_strict_is_scored_while_the_adapter_is_on_disk(study, tiny_model_dir, tmp_path, monkeypatch):
