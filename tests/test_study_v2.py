@@ -290,11 +290,15 @@ def test_strict_minus_match_pairs_the_same_run(study):
                 "metric": metric, "compute_per_step": 1,
                 "rules": {"lora": {"per_rank": {str(k): a for k, a in zip(ranks, accs)}, "base": 0.0,
                                    "aurac": aurac(ranks, accs), "log_aurac": log_aurac(ranks, accs)}}}
-    rows = [row(42, "match", [10, 20, 30, 40, 50, 60]), row(42, "strict", [10, 20.25, 30, 40, 50, 60.5]),
+    one_pass = {"scored_with": ["match", "strict"]}
+    rows = [{**row(42, "match", [10, 20, 30, 40, 50, 60]), **one_pass},
+            {**row(42, "strict", [10, 20.25, 30, 40, 50, 60.5]), **one_pass},
             row(666, "match", [0, 0, 0, 0, 0, 0])]  # no strict for 666: not paired with 42's strict
     gap = study.summarize(rows, dict(study.PRESETS["v2"], tasks=["arith"]))["tasks"]["arith"]["strict_minus_match"]
     assert gap == {"runs": 1, "rank_rows": 6, "mean": pytest.approx(0.75 / 6), "min": 0.0, "max": 0.5}
     assert study.strict_gap(rows[:1]) is None
+    # strict scored alone (a run trained again: another adapter than match's) is not paired
+    assert study.strict_gap([rows[0], row(42, "strict", [10, 20.25, 30, 40, 50, 60.5])]) is None
 
 
 @pytest.mark.parametrize("gain,final", [(0.9, 400), (1.0, 600)])
