@@ -261,7 +261,7 @@ def main(argv=None) -> dict:
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     from study import claim  # benchmarks/study.py: finished runs under --out are reused, so they must be this model's
-    claim(Path(args.out), args.model, "smollm2-135m")
+    claim(Path(args.out), args.model, ap.get_default("model"))  # unmarked runs: made with the default model
     study = Study(args)
     started = time.perf_counter()
     results = {"command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
