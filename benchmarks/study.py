@@ -313,7 +313,10 @@ class Study:
                             self.score(task, method, picked[method], seed, finals[task], "test", "strict")
                     except ScoringDoesNotFit:  # its adapter waits on this machine; train the next run meanwhile
                         deferred = True
-                    if seed != self.p["grid_seed"]:  # trained only to the final step: the checkpoints are done
+                    # trained only to the final step: once there its checkpoints are done (a run trained
+                    # again whose match is committed is not there yet: its checkpoint resumes it)
+                    if seed != self.p["grid_seed"] and (self.trained_to(task, method, picked[method], seed)
+                                                        >= self.scaled(method, finals[task])):
                         shutil.rmtree(self.run_dir(task, method, picked[method], seed) / "checkpoints",
                                       ignore_errors=True)
         for task in self.p["tasks"]:  # strict for the runs whose adapters were gone: trained again

@@ -154,6 +154,35 @@ def test_a_retrain_whose_scoring_does_not_fit_waits_while_the_next_run_trains(st
     assert strict["matryoshka"].is_file() and not strict["lora"].exists()
 
 
+def test_a_run_trained_again_resumes_from_its_checkpoint_in_the_next_chunk(study, tiny_model_dir, tmp_path,
+                                                                            monkeypatch):
+    """A run of a later seed trained again for strict (its match committed, its adapter gone) and cut off
+    between segments resumes in the next chunk from its checkpoint, not from step 0."""
+    argv = ["--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res")]
+    assert study.main(argv)["complete"] is True
+    strict = next((tmp_path / "res" / "arith" / "lora").glob("lr*/seed666/step4-test-strict.json"))
+    strict.unlink()
+    shutil.rmtree(tmp_path / "runs")  # a new machine: lora seed 666 is trained again
+    run = tmp_path / "runs" / strict.parent.relative_to(tmp_path / "res")
+    s = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
+    check = s.check_time
+
+    def stop_after_first_segment(expected=0.0, error=None):
+        if (run / "snapshots" / "step-2").is_dir():
+            raise study.TimeUp
+        check(expected, error)
+
+    monkeypatch.setattr(s, "check_time", stop_after_first_segment)
+    with pytest.raises(study.TimeUp):  # the chunk ends after the run's first segment
+        s.plan()
+    first = (run / "snapshots" / "step-2" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert not strict.exists() and any((run / "checkpoints").iterdir())
+    assert study.main(argv)["complete"] is True and strict.is_file()
+    assert (run / "snapshots" / "step-2" / "adapter_model.safetensors").stat().st_mtime_ns == first  # not retrained
+    assert not (run / "checkpoints").exists()  # finished: only snapshots are kept
+
+
 def test_max_minutes_stops_before_work_that_would_not_fit(study, tiny_model_dir, tmp_path):
     """A training segment, and then a run's scoring, start only if what the same work last took on this
     machine (for scoring: by the same method, else by any) says they end within --max-minutes; with no
