@@ -168,16 +168,18 @@ class Study:
 
     def train_to(self, task, method, lr, seed, step: int) -> None:
         """Train (or continue) one run up to `step` (a scaled snapshot step), one segment at a time."""
+        run_dir = self.run_dir(task, method, lr, seed)
+        # a run short of `step` with no checkpoint to resume from starts again at step 0, segment by segment
+        restart = self.trained_to(task, method, lr, seed) < step and latest_checkpoint(run_dir / "checkpoints") is None
         for target in [self.scaled(method, s) for s in self.p["snapshots"]]:
             if target > step:
                 break
-            done = self.trained_to(task, method, lr, seed)
+            done = 0 if restart else self.trained_to(task, method, lr, seed)
             if done >= target:
                 continue
             self.check_time(self.train_estimate(task, method, target - done))
-            run_dir = self.run_dir(task, method, lr, seed)
-            run = self.run_config(task, method, lr, seed, target)
-            run = run.replace(resume=latest_checkpoint(run_dir / "checkpoints") is not None)
+            run = self.run_config(task, method, lr, seed, target).replace(resume=done > 0)
+            restart = False
             base, tok = self.model()
             start = time.perf_counter()
             model = train(run, base, tok).model

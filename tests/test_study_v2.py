@@ -154,33 +154,57 @@ def test_a_retrain_whose_scoring_does_not_fit_waits_while_the_next_run_trains(st
     assert strict["matryoshka"].is_file() and not strict["lora"].exists()
 
 
-def test_a_run_trained_again_resumes_from_its_checkpoint_in_the_next_chunk(study, tiny_model_dir, tmp_path,
-                                                                            monkeypatch):
-    """A run of a later seed trained again for strict (its match committed, its adapter gone) and cut off
-    between segments resumes in the next chunk from its checkpoint, not from step 0."""
+def _lora_666_cut_after_its_first_segment(study, tiny_model_dir, tmp_path, monkeypatch):
+    """A complete tiny study, then a new machine where lora seed 666 (match committed, strict not) is
+    trained again and the chunk ends after its first segment. Returns (argv, strict JSON, run folder)."""
     argv = ["--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
             "--results", str(tmp_path / "res")]
     assert study.main(argv)["complete"] is True
     strict = next((tmp_path / "res" / "arith" / "lora").glob("lr*/seed666/step4-test-strict.json"))
     strict.unlink()
-    shutil.rmtree(tmp_path / "runs")  # a new machine: lora seed 666 is trained again
+    shutil.rmtree(tmp_path / "runs")
     run = tmp_path / "runs" / strict.parent.relative_to(tmp_path / "res")
+    _stop_once_step_2_is_written(study, tiny_model_dir, tmp_path, monkeypatch, run)
+    assert not strict.exists() and any((run / "checkpoints").iterdir())
+    return argv, strict, run
+
+
+def _stop_once_step_2_is_written(study, tiny_model_dir, tmp_path, monkeypatch, run):
+    """Run one chunk that ends as soon as the run's step-2 snapshot is (re)written."""
+    snapshot = run / "snapshots" / "step-2" / "adapter_model.safetensors"
+    before = snapshot.stat().st_mtime_ns if snapshot.is_file() else None
     s = study.Study(study.PRESETS["tiny"], tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), 10.0)
     check = s.check_time
 
-    def stop_after_first_segment(expected=0.0, error=None):
-        if (run / "snapshots" / "step-2").is_dir():
+    def stop_after_step_2(expected=0.0, error=None):
+        if snapshot.is_file() and snapshot.stat().st_mtime_ns != before:
             raise study.TimeUp
         check(expected, error)
 
-    monkeypatch.setattr(s, "check_time", stop_after_first_segment)
-    with pytest.raises(study.TimeUp):  # the chunk ends after the run's first segment
+    monkeypatch.setattr(s, "check_time", stop_after_step_2)
+    with pytest.raises(study.TimeUp):
         s.plan()
+
+
+def test_a_run_trained_again_resumes_from_its_checkpoint_in_the_next_chunk(study, tiny_model_dir, tmp_path,
+                                                                            monkeypatch):
+    """A run of a later seed trained again for strict (its match committed, its adapter gone) and cut off
+    between segments resumes in the next chunk from its checkpoint, not from step 0."""
+    argv, strict, run = _lora_666_cut_after_its_first_segment(study, tiny_model_dir, tmp_path, monkeypatch)
     first = (run / "snapshots" / "step-2" / "adapter_model.safetensors").stat().st_mtime_ns
-    assert not strict.exists() and any((run / "checkpoints").iterdir())
     assert study.main(argv)["complete"] is True and strict.is_file()
     assert (run / "snapshots" / "step-2" / "adapter_model.safetensors").stat().st_mtime_ns == first  # not retrained
     assert not (run / "checkpoints").exists()  # finished: only snapshots are kept
+
+
+def test_a_run_without_its_checkpoint_starts_again_segment_by_segment(study, tiny_model_dir, tmp_path, monkeypatch):
+    """A run short of its final step whose checkpoints are gone trains again from step 0 one segment at a
+    time (each segment checkpointed, each estimated by its own length), not to the end in one go."""
+    argv, strict, run = _lora_666_cut_after_its_first_segment(study, tiny_model_dir, tmp_path, monkeypatch)
+    shutil.rmtree(run / "checkpoints")
+    _stop_once_step_2_is_written(study, tiny_model_dir, tmp_path, monkeypatch, run)
+    assert not (run / "snapshots" / "step-4").exists() and any((run / "checkpoints").iterdir())
+    assert study.main(argv)["complete"] is True and strict.is_file()
 
 
 def test_max_minutes_stops_before_work_that_would_not_fit(study, tiny_model_dir, tmp_path):
