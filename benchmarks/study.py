@@ -169,17 +169,16 @@ class Study:
     def train_to(self, task, method, lr, seed, step: int) -> None:
         """Train (or continue) one run up to `step` (a scaled snapshot step), one segment at a time."""
         run_dir = self.run_dir(task, method, lr, seed)
-        # a run short of `step` with no checkpoint to resume from starts again at step 0, segment by segment
-        restart = self.trained_to(task, method, lr, seed) < step and latest_checkpoint(run_dir / "checkpoints") is None
+        done = self.trained_to(task, method, lr, seed)
+        if done < step and latest_checkpoint(run_dir / "checkpoints") is None:
+            done = 0  # nothing to resume from: start again at step 0, segment by segment
         for target in [self.scaled(method, s) for s in self.p["snapshots"]]:
             if target > step:
                 break
-            done = 0 if restart else self.trained_to(task, method, lr, seed)
             if done >= target:
                 continue
             self.check_time(self.train_estimate(task, method, target - done))
             run = self.run_config(task, method, lr, seed, target).replace(resume=done > 0)
-            restart = False
             base, tok = self.model()
             start = time.perf_counter()
             model = train(run, base, tok).model
@@ -188,6 +187,7 @@ class Study:
             self.step_seconds[task] = seconds / ((target - done) * METHODS[method][2])
             self.save_speeds()
             print(f"[study] trained {task} {method} lr={lr:g} seed={seed} to step {target} ({seconds:.0f} s)", flush=True)
+            done = target
             if target == self.scaled(method, self.p["steps"]):
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: only snapshots are needed
 
