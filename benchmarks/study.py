@@ -67,7 +67,8 @@ METHODS = {
     "matryoshka_pinit": ({"method": "matryoshka", "init": "paper"}, [1e-5, 3e-5, 1e-4, 3e-4], 1,
                          ["paper", "fold", "svd"]),
     # the mean of 6 rank losses gives each rank ~1/6 of the gradient: its grid sits ~3x higher
-    "multirank@compute": ({"method": "multirank"}, [3e-4, 1e-3, 3e-3, 1e-2], 6, ["paper", "svd"]),
+    "multirank@compute": ({"method": "multirank", "multirank_rows": "stack"}, [3e-4, 1e-3, 3e-3, 1e-2], 6,
+                          ["paper", "svd"]),
     # issue 19 item 4, a candidate objective at LoRA's compute: each step deals half of the batch's
     # rows to rank R and half to one other rank drawn from S; the rank-R half sees LoRA's grid
     "multirank@split2": ({"method": "multirank", "multirank_rows": "split", "ranks_per_step": 2},

@@ -55,6 +55,7 @@ def randomize_adapter(model, seed: int = 1, std: float = 0.1):
 
 def make_model(arch="llama", seed=0, randomize=True, **cfg):
     cfg.setdefault("r", 8)
+    cfg.setdefault("method", "matryoshka")  # the paper's P, which the equivalence tests are about
     model = get_matryoshka_model(BUILDERS[arch](seed), MatryoshkaConfig(**cfg))
     return (randomize_adapter(model) if randomize else model).eval()
 

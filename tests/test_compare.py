@@ -7,7 +7,7 @@ import statistics
 import pytest
 import yaml
 
-from matryoshka_lora import aurac
+from matryoshka_lora import MatryoshkaConfig, aurac
 from matryoshka_lora.cli import main
 from matryoshka_lora.comparison import CompareConfig, SharedBase, pick_learning_rate, run_dir, split_options
 
@@ -68,8 +68,8 @@ def test_train_with_a_compare_config_warns_and_uses_the_single_run_options(tiny_
                                       "learning_rate": 1e-3, "seeds": SEEDS, "lr": {"lora": [1e-3]},
                                       "output_dir": str(tmp_path / "run"), "disable_tqdm": True}))
     assert main(["train", "--config", str(config)]) == 0
-    assert "lr, seeds are `mlora compare` options; `mlora train` runs one adapter with method=matryoshka, " \
-           "learning_rate=0.001, seed=3" in caplog.text
+    assert "lr, seeds are `mlora compare` options; `mlora train` runs one adapter with " \
+           f"method={MatryoshkaConfig().method}, learning_rate=0.001, seed=3" in caplog.text
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]["seed"] == 3
 
 

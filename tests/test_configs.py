@@ -44,6 +44,7 @@ SEEDS = [42, 666, 2408]  # paper: 3 seeds (SPEC); which ones (issue 13)
 GRID_8B = [5e-6 * i for i in range(1, 11)]  # "a grid of 10 (5e-6 ... 5e-5)" (issue 13)
 SHARED = {  # every paper config: key -> (value, source)
     "r": None, "ranks": None,
+    "method": ("matryoshka", SPEC),  # a single `mlora train` run trains the paper's method
     "scaling": ("none", SPEC),  # s = 1; the others are its ablation
     "init": ("paper", ISSUE), "dylora_draw": ("micro_batch", ISSUE),
     "deploy_order": ("none", SPEC),  # "After training, P is dropped": rank k runs s_k A_k B_k as trained

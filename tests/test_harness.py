@@ -173,7 +173,7 @@ def sweep(tmp_path_factory):
     pytest.importorskip("lm_eval")
     out = tmp_path_factory.mktemp("harness")
     tok = byte_tokenizer()
-    model = randomize_adapter(get_matryoshka_model(byte_llama(seed=0), MatryoshkaConfig(r=8))).eval()
+    model = randomize_adapter(get_matryoshka_model(byte_llama(seed=0), MatryoshkaConfig(r=8, method="matryoshka"))).eval()
     results = harness_sweep(model, tok, "tiny_mc", ranks=RANKS, samples_dir=out / "samples", batch_size=BATCH)
     return {"results": results, "model": model, "tokenizer": tok, "samples": out / "samples", "out": out}
 
@@ -247,7 +247,7 @@ def test_chat_template_and_model_mode_restored(tmp_path):
     tok = byte_tokenizer()
     tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
-    model = randomize_adapter(get_matryoshka_model(byte_llama(), MatryoshkaConfig(r=4))).train()
+    model = randomize_adapter(get_matryoshka_model(byte_llama(), MatryoshkaConfig(r=4, method="matryoshka"))).train()
     res = harness_sweep(model, tok, ["tiny_mc"], ranks=[4], include_base=False, num_fewshot=1, limit=3,
                         apply_chat_template=True, fewshot_as_multiturn=True, samples_dir=tmp_path)
     assert res["base"] is None and list(res["methods"]["matryoshka"]["per_rank"]) == ["4"]

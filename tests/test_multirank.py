@@ -1,4 +1,7 @@
-"""multirank is the exact objective: the mean over S of the rank-r losses, in one stacked forward."""
+"""multirank with stacked rows is the exact objective: the mean over S of the rank-r losses, in one stacked forward;
+split rows (the default) deal the batch's rows over the step's ranks instead."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -6,11 +9,13 @@ from conftest import BUILDERS, randomize_adapter
 from transformers import TrainingArguments
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, set_rank
+from matryoshka_lora.core.saving import config_differences
 from matryoshka_lora.training import MatryoshkaTrainer
 
 
 def build(method, ranks, r=8):
-    model = get_matryoshka_model(BUILDERS["llama"](0), MatryoshkaConfig(r=r, ranks=ranks, method=method, scaling="sqrt"))
+    model = get_matryoshka_model(BUILDERS["llama"](0), MatryoshkaConfig(r=r, ranks=ranks, method=method, scaling="sqrt",
+                                                                       multirank_rows="stack"))
     return randomize_adapter(model).train()
 
 
@@ -75,7 +80,7 @@ def test_eval_mode_and_other_methods_use_the_plain_loss(batch, tmp_path):
 
 
 def test_ranks_per_step_trains_largest_plus_drawn_ranks(batch, tmp_path):
-    cfg = dict(r=8, ranks=[1, 2, 4, 8], method="multirank", scaling="sqrt")
+    cfg = dict(r=8, ranks=[1, 2, 4, 8], method="multirank", scaling="sqrt", multirank_rows="stack")
     model = randomize_adapter(get_matryoshka_model(BUILDERS["llama"](0), MatryoshkaConfig(**cfg, ranks_per_step=2))).train()
     controller = model._mlora_controller
     draws = [controller.step_ranks(step) for step in range(40)]
@@ -119,6 +124,7 @@ def test_multirank_with_activation_checkpointing_equals_without(batch, tmp_path)
 
 
 def split_model(ranks, **extra):
+    extra = {"ranks_per_step": len(ranks), **extra}  # every rank of S each step unless the test says otherwise
     config = MatryoshkaConfig(r=8, ranks=ranks, method="multirank", scaling="sqrt", multirank_rows="split", **extra)
     return randomize_adapter(get_matryoshka_model(BUILDERS["llama"](0), config)).train()
 
@@ -171,3 +177,24 @@ def test_split_rows_follow_the_micro_batches_of_each_step(tiny_model_dir, tmp_pa
                   TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, gradient_accumulation_steps=3,
                               learning_rate=1e-3, disable_tqdm=True, deploy_order="none"), collator=make_collator(tok))
     assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def test_unset_multirank_options_are_stacked_rows_at_every_rank_and_leave_nothing_behind():
+    """Unset, multirank trains the exact objective; other methods keep the fields unset, so a config
+    can switch method."""
+    assert MatryoshkaConfig(ranks=[1, 2, 4, 8], method="multirank").multirank_plan() == ("stack", 4)
+    assert MatryoshkaConfig(ranks=[1, 2, 4, 8], method="multirank", multirank_rows="split",
+                            ranks_per_step=2).multirank_plan() == ("split", 2)
+    c = MatryoshkaConfig(method="multirank")
+    assert (c.multirank_rows, c.ranks_per_step) == (None, None)
+    assert dataclasses.replace(c, method="lora").method == "lora"
+    # configs saved before these fields could be unset wrote "stack" for every method; they still load
+    old = {**MatryoshkaConfig(method="lora").to_dict(), "multirank_rows": "stack"}
+    assert MatryoshkaConfig.from_dict(old).method == "lora"
+    # and a run resumes from their checkpoints: unset and the value it stands for train the same
+    assert config_differences(old, MatryoshkaConfig(method="lora")) == []
+    exact = dict(ranks=[1, 2, 4, 8], method="multirank")
+    assert config_differences(MatryoshkaConfig(**exact), MatryoshkaConfig(**exact, multirank_rows="stack",
+                                                                          ranks_per_step=4)) == []
+    assert config_differences(MatryoshkaConfig(**exact), MatryoshkaConfig(**exact, ranks_per_step=2)) == [
+        ("ranks_per_step", 4, 2)]

@@ -1,14 +1,14 @@
 """Training on the Hugging Face Trainer (so `accelerate launch` scales it with DDP/FSDP/DeepSpeed).
 
 We add one callback and one `training_step`, nothing else of the Trainer's loop:
-- multirank (`MultirankLoss`, a mixin TRL's SFTTrainer takes too): `training_step` stacks the
-  batch |S| times and copy i runs at rank S_i (one masked bottleneck, `set_row_ranks`, kept
-  through the backward so activation checkpointing recomputes the same forward), so one
-  forward/backward gives the exact mean of the |S| rank losses, at |S| times the compute. With
-  `ranks_per_step = n` it stacks n copies: the largest rank plus n - 1 drawn from the rest of S
-  per step (a pure function of (seed, step)). With `multirank_rows = "split"` it does not stack:
-  the batch's rows are dealt out over the step's ranks, one rank per row, at the compute of one
-  LoRA step.
+- multirank (`MultirankLoss`, a mixin TRL's SFTTrainer takes too): each step trains n ranks of S
+  (`MatryoshkaConfig.multirank_plan`; n = |S| by default, else the largest plus n - 1 drawn from
+  the rest, a pure function of (seed, step)). Stacked rows (the default) stack the batch n times
+  and copy i runs at the i-th rank, so one forward/backward gives the exact mean of the n rank
+  losses at n times the compute. Split rows deal the batch's rows out over the n ranks, one rank
+  per row, at the compute of one LoRA step. Either way the rows run in one masked bottleneck
+  (`set_row_ranks`, kept through the backward so activation checkpointing recomputes the same
+  forward).
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
   under gradient accumulation), or with `dylora_draw="micro_batch"` one per micro-batch (again
   at `on_substep_end`, after each micro-batch but the step's last). The draw is a pure function
@@ -212,7 +212,7 @@ class MultirankLoss:
         if controller.config.method != "multirank":
             return super().training_step(model, inputs, num_items_in_batch)
         step = self.state.global_step
-        if controller.config.multirank_rows == "split":
+        if controller.config.multirank_plan()[0] == "split":
             batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
             with set_row_ranks(model, controller.split_rows(step, controller.micro_batch, batch)):
                 return super().training_step(model, inputs, num_items_in_batch)

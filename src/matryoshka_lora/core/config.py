@@ -29,7 +29,7 @@ class MatryoshkaConfig:
     method: str = field(
         default="matryoshka",
         metadata={"help": "matryoshka (fixed P, Algorithm 1) | lora (plain LoRA) | dylora (one random rank per step) | "
-                          "custom (your weights) | multirank (exact mean of the |S| rank losses; |S| times the compute)."},
+                          "custom (your weights) | multirank (the mean of rank losses; see multirank_rows)."},
     )
     scaling: str = field(
         default="none",
@@ -43,15 +43,15 @@ class MatryoshkaConfig:
     ranks_per_step: int | None = field(
         default=None,
         metadata={"help": "multirank only: train this many ranks per step, the largest rank in S plus ones drawn at "
-                          "random from the rest (the same on every process); a step then costs ranks_per_step LoRA "
-                          "steps instead of |S|. Default: all of S (the exact objective)."},
+                          "random from the rest (the same on every process). Default: all of S (with stacked rows "
+                          "the exact objective)."},
     )
-    multirank_rows: str = field(
-        default="stack",
-        metadata={"help": "multirank only: stack (every row at every rank of the step: the exact mean of the rank "
-                          "losses, at that many times the compute) | split (the batch's rows dealt out over the "
-                          "step's ranks, one rank per row: an unbiased estimate of the same mean at the compute of "
-                          "one LoRA step)."},
+    multirank_rows: str | None = field(
+        default=None,
+        metadata={"help": "multirank only: stack (the default: every row at every rank of the step, the exact mean "
+                          "of the rank losses at ranks_per_step times the compute) | split (the batch's rows dealt "
+                          "out over the step's ranks, one rank per row: an unbiased estimate of the same mean at "
+                          "the compute of one LoRA step)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for the DyLoRA rank draws (a pure function of the seed and the step, "
                                                    "so every process draws the same rank)."})
@@ -116,10 +116,10 @@ class MatryoshkaConfig:
                                 f"remove it or set method='multirank'.")
             elif not isinstance(self.ranks_per_step, int) or not 1 <= self.ranks_per_step <= (n or 1):
                 problems.append(f"  - ranks_per_step={self.ranks_per_step!r} must be an integer from 1 to |S|={n}.")
-        if self.multirank_rows not in MULTIRANK_ROWS:
+        if self.multirank_rows is not None and self.multirank_rows not in MULTIRANK_ROWS:
             problems.append(f"  - Unknown multirank_rows {self.multirank_rows!r}. "
                             f"Available: {', '.join(MULTIRANK_ROWS)}.")
-        elif self.multirank_rows != "stack" and self.method != "multirank":
+        elif self.multirank_rows not in (None, "stack") and self.method != "multirank":  # stack: older configs
             problems.append(f"  - multirank_rows={self.multirank_rows!r} is for method='multirank' only; remove it or "
                             "set method='multirank'.")
         if not isinstance(self.seed, int):
@@ -134,6 +134,11 @@ class MatryoshkaConfig:
             problems.append(f"  - folded_from={self.folded_from!r} must be a method name, or None.")
         if problems:
             raise ValueError("Invalid MatryoshkaConfig:\n" + "\n".join(problems))
+
+    def multirank_plan(self) -> tuple[str, int]:
+        """multirank: (rows, ranks per step) with the defaults filled in: stacked rows, all of S (the exact
+        objective). Unset fields stay None in the config, so switching `method` leaves nothing behind."""
+        return self.multirank_rows or "stack", self.ranks_per_step or len(self.ranks)
 
     def label(self) -> str:
         """This adapter's row name in tables: its method and how it was re-ordered, e.g. dylora+svd."""

@@ -122,18 +122,18 @@ class RankController:
         return self.training_k
 
     def step_ranks(self, step: int) -> list[int]:
-        """multirank: the ranks trained at optimizer step `step`: all of S, or with ranks_per_step = n
-        the largest rank plus n - 1 others drawn as a pure function of (seed, step)."""
+        """multirank: the ranks trained at optimizer step `step`: with n ranks per step (multirank_plan),
+        the largest rank plus n - 1 others drawn as a pure function of (seed, step); all of S if n = |S|."""
         c = self.config
-        n = c.ranks_per_step
-        if n is None or n >= len(c.ranks):
+        n = c.multirank_plan()[1]
+        if n >= len(c.ranks):
             return list(c.ranks)
         top = max(c.ranks)
         rest = [q for q in c.ranks if q != top]
         return sorted(random.Random(f"{c.seed}:multirank:{step}").sample(rest, n - 1) + [top])
 
     def split_rows(self, step: int, micro_batch: int, batch: int) -> list[int]:
-        """multirank with multirank_rows="split": the rank of each of the `batch` rows of one micro-batch.
+        """multirank with split rows: the rank of each of the `batch` rows of one micro-batch.
 
         The step's ranks are dealt out in turn from an offset drawn as a pure function of (seed, step,
         micro_batch), so each rank gets batch // n or one more rows and every process deals alike.

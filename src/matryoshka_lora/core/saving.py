@@ -197,9 +197,20 @@ def config_differences(before: MatryoshkaConfig | dict, now: MatryoshkaConfig | 
     A field missing from a record (saved by a version before the field existed) counts as its default.
     """
     defaults = MatryoshkaConfig().to_dict()
-    before, now = ({**defaults, **json.loads(json.dumps(c.to_dict() if isinstance(c, MatryoshkaConfig) else c))}
-                   for c in (before, now))
+    before, now = (_as_trained({**defaults, **json.loads(json.dumps(c.to_dict() if isinstance(c, MatryoshkaConfig)
+                                                                     else c))}) for c in (before, now))
     return [(k, before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+
+
+def _as_trained(record: dict) -> dict:
+    """`record` with the multirank options it trains with: multirank's unset ones filled in (multirank_plan);
+    none for other methods, which ignore them (older versions saved multirank_rows="stack" for every method)."""
+    try:
+        c = MatryoshkaConfig.from_dict(record)
+    except (TypeError, ValueError):
+        return record  # compared as written
+    rows, n = c.multirank_plan() if c.method == "multirank" else (None, None)
+    return {**record, "multirank_rows": rows, "ranks_per_step": n}
 
 
 def load_matryoshka_model(base_model: torch.nn.Module, directory: str | Path, is_trainable: bool = False):

@@ -74,7 +74,7 @@ def ordered_config(c: MatryoshkaConfig) -> MatryoshkaConfig:
     """The config of an SVD-ordered adapter: a plain scale-1 nested LoRA that remembers its source."""
     source = c.svd_from or (f"{c.folded_from}+fold" if c.folded_from else c.method)
     return dataclasses.replace(c, method="lora", scaling="none", alpha=1.0, weights=None, ranks_per_step=None,
-                               multirank_rows="stack", svd_from=source)
+                               multirank_rows=None, svd_from=source)
 
 
 @torch.no_grad()
