@@ -22,8 +22,8 @@ resume), so an interruption costs at most one segment.
   of the steps (snapshots and grid step scaled alike).
 - Final tables: greedy generation strict-match on the test split, scored in the same pass as a
   run's test match while its adapter is on disk (adapters are not committed: a run scored on
-  another machine is trained again in a last phase). Only the rows match missed are decoded: a
-  matched row is one greedy decoding reproduces.
+  another machine is trained again in a last phase, the methods leading the race for the default
+  first). Only the rows match missed are decoded: a matched row is one greedy decoding reproduces.
 - Candidate objectives (issue 19 item 4; CANDIDATES): run their grid like any method, then go on
   to the curves and seeds only if their best validation AURAC and log-AURAC at the grid step beat
   the best lora and dylora grid runs on both (the decision: <task>/candidates.json).
@@ -287,8 +287,9 @@ class Study:
         """Units in priority order, task after task: the grids; the seed-42 runs along their whole
         schedule on validation (where each method plateaus); the final step count from those curves;
         the test split at that step, seed after seed, match and generation strict-match in one pass
-        (while the adapter is on disk); last, strict-match for runs whose adapters were gone. A candidate
-        objective (CANDIDATES) goes past its grid only if it beat the baselines there."""
+        (while the adapter is on disk); last, strict-match for runs whose adapters were gone (trained
+        again, the methods leading the race for the default first). A candidate objective (CANDIDATES)
+        goes past its grid only if it beat the baselines there."""
         first = self.p["tasks"][0]
         picked, finals, kept = {}, {}, {}
         deferred = False  # a trained run whose scoring did not fit this chunk
@@ -323,14 +324,32 @@ class Study:
                         shutil.rmtree(self.run_dir(task, method, picked[method], seed) / "checkpoints",
                                       ignore_errors=True)
         for task in self.p["tasks"]:  # strict for the runs whose adapters were gone: trained again
-            for seed in self.p["seeds"]:
-                for method in kept[task]:
-                    try:
-                        self.score(task, method, picked[method], seed, finals[task], "test", "strict")
-                    except ScoringDoesNotFit:  # its adapter waits on this machine; train the next run meanwhile
-                        deferred = True
+            lead = self.lead()
+            # a run partway trained first (its checkpoint resumes it), then the contenders for the default
+            units = sorted(((seed, m) for seed in self.p["seeds"] for m in kept[task]),
+                           key=lambda u: (self.trained_to(task, u[1], picked[u[1]], u[0]) == 0,
+                                          -lead.get(u[1], -math.inf)))
+            for seed, method in units:
+                try:
+                    self.score(task, method, picked[method], seed, finals[task], "test", "strict")
+                except ScoringDoesNotFit:  # its adapter waits on this machine; train the next run meanwhile
+                    deferred = True
         if deferred:
             raise TimeUp
+
+    def lead(self) -> dict:
+        """Per method, the score `winner` ranks by (mean of AURAC and log-AURAC over the tasks it ran on)
+        of its best variant on the test runs so far, strict where scored: the order in which the runs
+        still missing are scored, so that the ones that decide the default come first."""
+        tasks = summarize(collect(self.results), self.p)["tasks"].values()
+        tables = [t.get("strict_so_far") or t["methods"] for t in tasks]
+        out = {}
+        for name in {n for t in tables for n in t}:
+            score = statistics.fmean((t[name]["aurac"]["mean"] + t[name]["log_aurac"]["mean"]) / 2
+                                     for t in tables if name in t)
+            method = name.partition("+")[0]
+            out[method] = max(out.get(method, -math.inf), score)
+        return out
 
     def candidate_kept(self, task, method, lr) -> bool:
         """A candidate objective stays in the study when its best validation AURAC and log-AURAC at the

@@ -154,6 +154,43 @@ def test_a_retrain_whose_scoring_does_not_fit_waits_while_the_next_run_trains(st
     assert strict["matryoshka"].is_file() and not strict["lora"].exists()
 
 
+def test_the_runs_that_decide_the_default_are_scored_first(study, tiny_model_dir, tmp_path, monkeypatch):
+    """lead(): each method's best variant by the winner's score (mean of AURAC and log-AURAC over the tasks
+    it ran on); the last phase trains and scores the missing runs of the leading methods first."""
+    def row(task, method, seed, rules):
+        accs = {name: [a] * len(study.RANKS) for name, a in rules.items()}  # flat: AURAC = log-AURAC = a
+        return {"task": task, "method": method, "lr": 1e-3, "seed": seed, "steps": 600, "split": "test", "n": 400,
+                "metric": "strict", "compute_per_step": 1,
+                "rules": {n: {"per_rank": {str(k): a for k, a in zip(study.RANKS, v)}, "base": 0.0,
+                              "aurac": aurac(study.RANKS, v), "log_aurac": log_aurac(study.RANKS, v)}
+                          for n, v in accs.items()}}
+    rows = [row("arith", "lora", 42, {"lora": 10, "lora+svd": 70}),
+            row("wordops", "lora", 42, {"lora": 10, "lora+svd": 50}),
+            row("arith", "dylora", 42, {"dylora": 80, "dylora+svd": 20}),
+            row("arith", "dylora", 666, {"dylora": 70, "dylora+svd": 20})]
+    for r in rows:
+        path = tmp_path / "res" / r["task"] / r["method"] / "lr0.001" / f"seed{r['seed']}" / "step600-test-strict.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    preset = dict(study.PRESETS["v2"], seeds=[42, 666])
+    lead = study.Study(preset, tmp_path / "runs", tmp_path / "res", str(tiny_model_dir), None).lead()
+    assert lead == {"lora": pytest.approx(60.0), "dylora": pytest.approx(75.0)}
+
+    argv = ["--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path / "tiny"),
+            "--results", str(tmp_path / "tiny-res")]
+    assert study.main(argv)["complete"] is True
+    for m in ("lora", "matryoshka"):
+        next((tmp_path / "tiny-res" / "arith" / m).glob("lr*/seed666/step4-test-strict.json")).unlink()
+    shutil.rmtree(tmp_path / "tiny")  # a new machine: both runs are trained again, the leader first
+    s = study.Study(study.PRESETS["tiny"], tmp_path / "tiny", tmp_path / "tiny-res", str(tiny_model_dir), None)
+    monkeypatch.setattr(s, "lead", lambda: {"lora": 1.0, "matryoshka": 2.0})
+    trained = []
+    monkeypatch.setattr(s, "train_to", lambda task, method, lr, seed, step: trained.append((method, seed)) or
+                        study.Study.train_to(s, task, method, lr, seed, step))
+    s.plan()
+    assert trained == [("matryoshka", 666), ("lora", 666)]
+
+
 def _lora_666_cut_after_its_first_segment(study, tiny_model_dir, tmp_path, monkeypatch):
     """A complete tiny study, then a new machine where lora seed 666 (match committed, strict not) is
     trained again and the chunk ends after its first segment. Returns (argv, strict JSON, run folder)."""
