@@ -345,10 +345,8 @@ class Study:
         tables = [t.get("strict_so_far") or t["methods"] for t in tasks]
         out = {}
         for name in {n for t in tables for n in t}:
-            score = statistics.fmean((t[name]["aurac"]["mean"] + t[name]["log_aurac"]["mean"]) / 2
-                                     for t in tables if name in t)
             method = name.partition("+")[0]
-            out[method] = max(out.get(method, -math.inf), score)
+            out[method] = max(out.get(method, -math.inf), cross_task_score(tables, name))
         return out
 
     def candidate_kept(self, task, method, lr) -> bool:
@@ -465,6 +463,13 @@ def defaults_of(name: str) -> dict:
     return {**{k: options.get(k, getattr(base, k)) for k in VARIANT_FIELDS}, "deploy_order": order}
 
 
+def cross_task_score(tables: list[dict], name: str) -> float:
+    """What picks the default: a variant's mean of AURAC and log-AURAC, averaged over the tasks (method
+    tables) that have it."""
+    return statistics.fmean((t[name]["aurac"]["mean"] + t[name]["log_aurac"]["mean"]) / 2
+                            for t in tables if name in t)
+
+
 def winner(summary: dict) -> dict | None:
     """The variant with the best mean of AURAC and log-AURAC over all tasks, once every task is complete.
 
@@ -477,8 +482,7 @@ def winner(summary: dict) -> dict | None:
     if not tasks or not all(t.get("complete") for t in tasks.values()):
         return None
     names = set.intersection(*(set(t["methods"]) for t in tasks.values()))
-    score = {n: statistics.fmean((t["methods"][n]["aurac"]["mean"] + t["methods"][n]["log_aurac"]["mean"]) / 2
-                                 for t in tasks.values()) for n in names}
+    score = {n: cross_task_score([t["methods"] for t in tasks.values()], n) for n in names}
     best = max(sorted(names), key=lambda n: score[n])
     everywhere = all(t["methods"][best][m]["mean"] >= max(v[m]["mean"] for v in t["methods"].values())
                      for t in tasks.values() for m in ("aurac", "log_aurac"))
