@@ -142,3 +142,27 @@ def test_demo_config_is_what_make_demo_runs():
     assert run == RunConfig.from_flat(DEMO)
     assert compare.methods == ["lora", "dylora", default_variant()]
     assert compare.lr == {name: [METHOD_LRS[name.partition("+")[0]]] for name in compare.methods}
+
+
+def test_paper_flag_is_the_paper_protocol_and_explicit_options_win():
+    """`--paper` / `paper: true` swaps our defaults (multirank, SVD order on save) for the paper's protocol,
+    which every paper config also spells out key by key."""
+    from matryoshka_lora.cli import _options, build_parser
+    from matryoshka_lora.experiment import PAPER_PROTOCOL
+
+    ours, paper = RunConfig.from_flat({}), RunConfig.from_flat({"paper": True})
+    assert (ours.adapter.method, ours.adapter.init, ours.train.deploy_order) == ("multirank", "peft", "svd")
+    assert (paper.adapter.method, paper.adapter.init, paper.train.deploy_order) == ("matryoshka", "paper", "none")
+    assert RunConfig.from_flat({"paper": False}) == ours
+    assert RunConfig.from_flat({"paper": True, "deploy_order": "svd"}).train.deploy_order == "svd"
+    with pytest.raises(ValueError, match="must be true or false"):
+        RunConfig.from_flat({"paper": "yes"})
+    for path in CONFIGS:
+        if "llama" in path.name:  # the paper configs
+            assert {k: load_yaml(path)[k] for k in PAPER_PROTOCOL} == PAPER_PROTOCOL
+    args = build_parser().parse_args(["train", "--paper", "--learning-rate", "3e-4"])
+    run = RunConfig.from_flat(_options(args))
+    assert (run.adapter.method, run.train.deploy_order, run.train.learning_rate) == ("matryoshka", "none", 3e-4)
+    args = build_parser().parse_args(["compare", "--paper", "--methods", "lora,matryoshka"])
+    run, compare = split_options(_options(args))
+    assert run.adapter.init == "paper" and compare.methods == ["lora", "matryoshka"]

@@ -179,12 +179,14 @@ def test_split_rows_follow_the_micro_batches_of_each_step(tiny_model_dir, tmp_pa
     assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
 
 
-def test_unset_multirank_options_are_stacked_rows_at_every_rank_and_leave_nothing_behind():
-    """Unset, multirank trains the exact objective; other methods keep the fields unset, so a config
+def test_unset_multirank_options_are_split_rows_over_two_ranks_and_leave_nothing_behind():
+    """Unset, multirank trains the default (split rows, rank R plus one drawn rank per step); stacked rows
+    default to every rank of S (the exact objective); other methods keep the fields unset, so a config
     can switch method."""
-    assert MatryoshkaConfig(ranks=[1, 2, 4, 8], method="multirank").multirank_plan() == ("stack", 4)
-    assert MatryoshkaConfig(ranks=[1, 2, 4, 8], method="multirank", multirank_rows="split",
-                            ranks_per_step=2).multirank_plan() == ("split", 2)
+    assert MatryoshkaConfig(ranks=[1, 2, 4, 8], method="multirank").multirank_plan() == ("split", 2)
+    assert MatryoshkaConfig(ranks=[1, 2, 4, 8], method="multirank", multirank_rows="stack").multirank_plan() == (
+        "stack", 4)
+    assert MatryoshkaConfig(r=8, ranks=[8], method="multirank").multirank_plan() == ("split", 1)  # |S| = 1
     c = MatryoshkaConfig(method="multirank")
     assert (c.multirank_rows, c.ranks_per_step) == (None, None)
     assert dataclasses.replace(c, method="lora").method == "lora"
@@ -193,8 +195,10 @@ def test_unset_multirank_options_are_stacked_rows_at_every_rank_and_leave_nothin
     assert MatryoshkaConfig.from_dict(old).method == "lora"
     # and a run resumes from their checkpoints: unset and the value it stands for train the same
     assert config_differences(old, MatryoshkaConfig(method="lora")) == []
-    exact = dict(ranks=[1, 2, 4, 8], method="multirank")
-    assert config_differences(MatryoshkaConfig(**exact), MatryoshkaConfig(**exact, multirank_rows="stack",
-                                                                          ranks_per_step=4)) == []
-    assert config_differences(MatryoshkaConfig(**exact), MatryoshkaConfig(**exact, ranks_per_step=2)) == [
-        ("ranks_per_step", 4, 2)]
+    m = dict(ranks=[1, 2, 4, 8], method="multirank")
+    assert config_differences(MatryoshkaConfig(**m), MatryoshkaConfig(**m, multirank_rows="split",
+                                                                      ranks_per_step=2)) == []
+    assert config_differences(MatryoshkaConfig(**m, multirank_rows="stack"),
+                              MatryoshkaConfig(**m, multirank_rows="stack", ranks_per_step=4)) == []
+    assert config_differences(MatryoshkaConfig(**m), MatryoshkaConfig(**m, ranks_per_step=4)) == [
+        ("ranks_per_step", 2, 4)]

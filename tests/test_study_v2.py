@@ -313,23 +313,6 @@ def test_library_defaults_are_the_measured_winner(study):
     assert TrainConfig().learning_rate == w["lr"]  # the rate the winner was picked at
 
 
-def test_until_a_winner_the_default_rule_is_the_best_measured_rule_of_the_default_method(study):
-    """The interim default: on the committed validation grid (each variant at its best rate), the default
-    deployment rule is the best rule of the default training method."""
-    from matryoshka_lora import MatryoshkaConfig
-    from matryoshka_lora.training import TrainConfig
-
-    path = ROOT / "benchmarks" / "results" / "study" / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    if summary.get("winner") or not summary.get("tasks", {}).get("arith", {}).get("grid"):
-        pytest.skip("the study has a winner (checked above) or no grid yet")
-    grid = summary["tasks"]["arith"]["grid"]
-    method = MatryoshkaConfig().method
-    best = {name: max(rates.values()) for name, rates in grid.items() if name.split("+")[0] == method}
-    assert len(best) == 3  # paper rule, fold, fold + SVD order
-    assert study.defaults_of(max(best, key=best.get))["deploy_order"] == TrainConfig().deploy_order
-
-
 def test_summary_aurac_is_aurac_of_mean_per_rank(study):
     """AURAC is linear in the accuracies: the committed summary's AURAC equals AURAC of its mean per-rank row."""
     path = ROOT / "benchmarks" / "results" / "study" / "summary.json"

@@ -63,6 +63,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         groups[section].add_argument("--" + key.replace("_", "-"), dest=key, default=argparse.SUPPRESS,
                                      help=f"{f.metadata.get('help', '')} (default: {default})", **kwargs)
+    parser.add_argument("--paper", action="store_true", default=argparse.SUPPRESS,
+                        help="The paper's protocol instead of our defaults: method matryoshka, init paper, "
+                             "deploy_order none (flags you give win; YAML key `paper: true`). Set its learning "
+                             "rate too: ~3x below LoRA's, e.g. 3e-4 where LoRA takes 1e-3.")
     parser.add_argument("--config", type=Path, help="YAML file with the same keys as these flags; flags override it.")
 
 
@@ -74,7 +78,8 @@ def _options(args) -> dict:
 
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     given = vars(args)
-    values.update({k: v for k, v in given.items() if k in flat_fields() or (k in COMPARE_KEYS and k != "lr")})
+    values.update({k: v for k, v in given.items()
+                   if k in flat_fields() or k == "paper" or (k in COMPARE_KEYS and k != "lr")})
     if given.get("lr"):
         values["lr"] = {**(values.get("lr") or {}), **_parse_lrs(given["lr"])}
     return values
@@ -354,8 +359,8 @@ COMMANDS = {  # name -> (library call, help, functions adding its flags)
              [add_run_options, _eval_options]),
     "compare": (_compare, "Train and evaluate several methods on the same data; one combined table.",
                 [add_run_options, _compare_options]),
-    "demo": (_demo, "Train the default (MatryoshkaLoRA in SVD order), LoRA and DyLoRA on the embedded "
-                    "SmolLM2-135M and arithmetic task; score every rank.",
+    "demo": (_demo, "Train the default (multirank with split rows, saved in SVD order), LoRA and DyLoRA on the "
+                    "embedded SmolLM2-135M and arithmetic task; score every rank.",
              [_demo_options]),
     "export": (_export, "Write rank-k prefixes of a nested adapter as plain PEFT LoRA adapters (no base model needed).",
                [_export_args]),

@@ -135,9 +135,9 @@ def split_options(values: dict) -> tuple[RunConfig, CompareConfig]:
     Raises:
         ValueError: unknown keys (the message lists the valid ones) or invalid values, all together.
     """
-    unknown = sorted(k for k in values if k not in flat_fields() and k not in COMPARE_KEYS)
+    unknown = sorted(k for k in values if k not in flat_fields() and k not in COMPARE_KEYS and k != "paper")
     if unknown:
-        valid = sorted([*flat_fields(), *COMPARE_KEYS])
+        valid = sorted([*flat_fields(), *COMPARE_KEYS, "paper"])
         raise ValueError(f"Unknown option(s) {unknown}. Valid options: {', '.join(valid)}")
     if values.get("deploy_order", "none") != "none":
         raise ValueError(f"deploy_order={values['deploy_order']!r} is a single-run option; `mlora compare` takes "

@@ -63,6 +63,9 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": MatryoshkaConfi
 # Flat names that differ from the field name (clashes between sections).
 RENAMED = {("data", "seed"): "data_seed"}
 DERIVED = {("adapter", "seed")}  # set from train.seed
+# `paper: true` (`--paper`): the paper's protocol in place of our defaults (options set explicitly win).
+# Its learning rate is the user's to set: it sits ~3x below LoRA's (the paper configs carry its grids).
+PAPER_PROTOCOL = {"method": "matryoshka", "init": "paper", "deploy_order": "none"}
 
 
 def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -86,7 +89,14 @@ class RunConfig:
 
     @classmethod
     def from_flat(cls, values: dict) -> RunConfig:
-        """Build from flat keys (CLI flags / YAML); unknown keys and invalid values are reported together."""
+        """Build from flat keys (CLI flags / YAML); unknown keys and invalid values are reported together.
+        `paper: true` fills in PAPER_PROTOCOL where a key is not given."""
+        values = dict(values)
+        paper = values.pop("paper", False)
+        if paper not in (True, False):
+            raise ValueError(f"paper={paper!r} must be true or false.")
+        if paper:
+            values = {**PAPER_PROTOCOL, **values}
         fields = flat_fields()
         unknown = sorted(k for k in values if k not in fields)
         if unknown:

@@ -3,7 +3,7 @@
 Nothing of TRL's loop changes. P lives in forward hooks on the LoRA layers, so `matryoshka`,
 `lora` and `custom` train under any Trainer as they are; two methods need one piece each:
 - dylora: the rank draw, `MatryoshkaCallback` (one draw per optimizer step, or per micro-batch);
-- multirank: the row-stacked mean of the rank losses, the `MultirankLoss` mixin.
+- multirank: the rows dealt to (split) or stacked at the step's ranks, the `MultirankLoss` mixin.
 
     from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, save_matryoshka, svd_order
     from matryoshka_lora.sft import sft_trainer

@@ -2,13 +2,13 @@
 
 We add one callback and one `training_step`, nothing else of the Trainer's loop:
 - multirank (`MultirankLoss`, a mixin TRL's SFTTrainer takes too): each step trains n ranks of S
-  (`MatryoshkaConfig.multirank_plan`; n = |S| by default, else the largest plus n - 1 drawn from
-  the rest, a pure function of (seed, step)). Stacked rows (the default) stack the batch n times
-  and copy i runs at the i-th rank, so one forward/backward gives the exact mean of the n rank
-  losses at n times the compute. Split rows deal the batch's rows out over the n ranks, one rank
-  per row, at the compute of one LoRA step. Either way the rows run in one masked bottleneck
-  (`set_row_ranks`, kept through the backward so activation checkpointing recomputes the same
-  forward).
+  (`MatryoshkaConfig.multirank_plan`): the largest plus n - 1 drawn from the rest, a pure function
+  of (seed, step), or all of S when n = |S|. Split rows (the default, n = 2) deal the batch's rows
+  out over the n ranks, one rank per row, at the compute of one LoRA step. Stacked rows (n = |S|
+  by default) stack the batch n times and copy i runs at the i-th rank, so one forward/backward
+  gives the exact mean of the n rank losses at n times the compute. Either way the rows run in
+  one masked bottleneck (`set_row_ranks`, kept through the backward so activation checkpointing
+  recomputes the same forward).
 - DyLoRA: draw one rank per optimizer step (`on_step_begin` runs once per optimizer step, also
   under gradient accumulation), or with `dylora_draw="micro_batch"` one per micro-batch (again
   at `on_substep_end`, after each micro-batch but the step's last). The draw is a pure function
@@ -52,7 +52,9 @@ class TrainConfig:
     """Training knobs (the usual Trainer ones, with defaults that suit LoRA)."""
 
     output_dir: str = field(default="runs/train", metadata={"help": "Where the adapter, checkpoints, loss curve and config go."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate."})
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "AdamW peak learning rate (the default: the rate study v2 picked for the "
+                                        "default method; the paper's MatryoshkaLoRA needs ~3x lower, e.g. 3e-4)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training set (ignored when max_steps > 0)."})
     max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; overrides num_train_epochs when > 0."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
@@ -85,7 +87,7 @@ class TrainConfig:
     deploy_order: str = field(
         default="svd",
         metadata={"help": "How the final adapter's rank prefixes are ordered when it is saved: svd (SVD order: rank k "
-                          "is the best rank-k cut of the trained delta; the best rule measured so far, README "
+                          "is the best rank-k cut of the trained delta; part of study v2's winner, README "
                           "'Which method should I use?') | fold (the training P folded into lora_A: rank k is the "
                           "prefix of A diag(P) B; fixed-P methods) | none (as trained; rank k runs the paper's "
                           "s_k A_k B_k: the paper's protocol). Checkpoints and snapshots keep the trained factors."})

@@ -27,9 +27,10 @@ class MatryoshkaConfig:
         metadata={"help": "Rank set S trained (and evaluated) as nested prefixes. Default: powers of two up to r, plus r."},
     )
     method: str = field(
-        default="matryoshka",
-        metadata={"help": "matryoshka (fixed P, Algorithm 1) | lora (plain LoRA) | dylora (one random rank per step) | "
-                          "custom (your weights) | multirank (the mean of rank losses; see multirank_rows)."},
+        default="multirank",
+        metadata={"help": "multirank (the default, study v2's winner: rank R and ranks drawn from S trained in one "
+                          "step, at LoRA's compute by default; see multirank_rows) | matryoshka (fixed P, Algorithm 1: the paper's method) | "
+                          "lora (plain LoRA) | dylora (one random rank per step) | custom (your weights)."},
     )
     scaling: str = field(
         default="none",
@@ -43,15 +44,15 @@ class MatryoshkaConfig:
     ranks_per_step: int | None = field(
         default=None,
         metadata={"help": "multirank only: train this many ranks per step, the largest rank in S plus ones drawn at "
-                          "random from the rest (the same on every process). Default: all of S (with stacked rows "
-                          "the exact objective)."},
+                          "random from the rest (the same on every process). Default: 2 with split rows (study v2's "
+                          "winner), all of S with stacked rows (the exact objective)."},
     )
     multirank_rows: str | None = field(
         default=None,
-        metadata={"help": "multirank only: stack (the default: every row at every rank of the step, the exact mean "
-                          "of the rank losses at ranks_per_step times the compute) | split (the batch's rows dealt "
-                          "out over the step's ranks, one rank per row: an unbiased estimate of the same mean at "
-                          "the compute of one LoRA step)."},
+        metadata={"help": "multirank only: split (the default: the batch's rows dealt out over the step's ranks, one "
+                          "rank per row, at the compute of one LoRA step; with 2 ranks per step, half the rows at "
+                          "rank R and half at one rank drawn from the rest) | stack (every row at every rank of the "
+                          "step: the exact mean of the rank losses at ranks_per_step times the compute)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for the DyLoRA rank draws (a pure function of the seed and the step, "
                                                    "so every process draws the same rank)."})
@@ -136,9 +137,11 @@ class MatryoshkaConfig:
             raise ValueError("Invalid MatryoshkaConfig:\n" + "\n".join(problems))
 
     def multirank_plan(self) -> tuple[str, int]:
-        """multirank: (rows, ranks per step) with the defaults filled in: stacked rows, all of S (the exact
-        objective). Unset fields stay None in the config, so switching `method` leaves nothing behind."""
-        return self.multirank_rows or "stack", self.ranks_per_step or len(self.ranks)
+        """multirank: (rows, ranks per step) with the defaults filled in: split rows over 2 ranks per step
+        (study v2's winner), or all of S when rows are stacked (the exact objective). Unset fields stay None
+        in the config, so switching `method` leaves nothing behind."""
+        rows = self.multirank_rows or "split"
+        return rows, self.ranks_per_step or (min(2, len(self.ranks)) if rows == "split" else len(self.ranks))
 
     def label(self) -> str:
         """This adapter's row name in tables: its method and how it was re-ordered, e.g. dylora+svd."""
