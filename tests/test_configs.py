@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import load_script
 
-from matryoshka_lora.comparison import split_options
+from matryoshka_lora.comparison import CompareConfig, split_options
 from matryoshka_lora.experiment import RunConfig, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,7 @@ def test_demo_config_is_what_make_demo_runs():
     run, compare = split_options(load_yaml(ROOT / "configs" / "demo-smollm2-arith.yaml"))
     assert run == RunConfig.from_flat(DEMO)
     assert compare.methods == ["lora", "dylora", default_variant()]
+    assert CompareConfig().methods == compare.methods  # `mlora compare` with no methods: the same three
     assert compare.lr == {name: [METHOD_LRS[name.partition("+")[0]]] for name in compare.methods}
 
 

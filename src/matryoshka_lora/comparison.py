@@ -50,10 +50,11 @@ log = logging.getLogger(__name__)
 class CompareConfig:
     """What `mlora compare` runs besides the shared run options: methods, learning-rate grids, seeds."""
 
-    methods: list[str] = field(default_factory=lambda: ["lora", "dylora", "matryoshka"],
+    methods: list[str] = field(default_factory=lambda: ["lora", "dylora", "multirank+svd"],
                                metadata={"help": "Methods to train, each optionally with the rule its adapter is saved "
                                                  "in: METHOD[+fold|+svd], e.g. lora,dylora,matryoshka+svd (a bare name "
-                                                 "is the adapter as trained; the deploy_order option is not used)."})
+                                                 "is the adapter as trained; the deploy_order option is not used). "
+                                                 "Default: the baselines and our default, multirank in SVD order."})
     lr: dict[str, list[float]] | None = field(
         default=None,
         metadata={"help": "Per method, one learning rate or a grid picked by mean validation AURAC over the seeds. "
@@ -270,7 +271,7 @@ def compare(run: RunConfig, config: CompareConfig | None = None, out_dir: str | 
 
     Args:
         run: Shared settings (model, data, rank schedule, steps; `seed` when `config.seeds` is unset).
-        config: Methods, learning-rate grids and seeds (default: lora, dylora, matryoshka at
+        config: Methods, learning-rate grids and seeds (default: lora, dylora, multirank+svd at
             run.train.learning_rate, one seed).
         out_dir: Output root (default run.train.output_dir): the runs, and results.json/.md/.png on top.
 

@@ -29,7 +29,7 @@ QUICK = dict(max_steps=4, num_train=32, num_eval=8, ranks=[1, 4, 32], eval_batch
 
 
 def default_variant() -> str:
-    """The default training method with the default deployment rule, as a compare name, e.g. matryoshka+svd."""
+    """The default training method with the default deployment rule, as a compare name, e.g. multirank+svd."""
     method, rule = MatryoshkaConfig().method, TrainConfig().deploy_order
     return method if rule == "none" else f"{method}+{rule}"
 

@@ -29,8 +29,9 @@ class MatryoshkaConfig:
     method: str = field(
         default="multirank",
         metadata={"help": "multirank (the default, study v2's winner: rank R and ranks drawn from S trained in one "
-                          "step, at LoRA's compute by default; see multirank_rows) | matryoshka (fixed P, Algorithm 1: the paper's method) | "
-                          "lora (plain LoRA) | dylora (one random rank per step) | custom (your weights)."},
+                          "step, at LoRA's compute by default; see multirank_rows) | matryoshka (fixed P, "
+                          "Algorithm 1: the paper's method) | lora (plain LoRA) | dylora (one random rank per "
+                          "step) | custom (your weights)."},
     )
     scaling: str = field(
         default="none",
