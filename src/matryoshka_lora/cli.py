@@ -74,12 +74,12 @@ def _options(args) -> dict:
     """Flat options: the YAML file (if --config) overridden by the flags given on the command line;
     a --lr flag replaces the file's grid for its method only."""
     from .comparison import COMPARE_KEYS
-    from .experiment import flat_fields, load_yaml
+    from .experiment import load_yaml, run_keys
 
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     given = vars(args)
-    values.update({k: v for k, v in given.items()
-                   if k in flat_fields() or k == "paper" or (k in COMPARE_KEYS and k != "lr")})
+    keys = run_keys()
+    values.update({k: v for k, v in given.items() if k in keys or (k in COMPARE_KEYS and k != "lr")})
     if given.get("lr"):
         values["lr"] = {**(values.get("lr") or {}), **_parse_lrs(given["lr"])}
     return values

@@ -40,7 +40,7 @@ from .core.locking import locks_output
 from .core.saving import load_matryoshka_model
 from .core.weighting import METHODS, NO_FIXED_P
 from .evaluation.report import higher_is_better, write_results
-from .experiment import RunConfig, check_inputs, evaluate, flat_fields, load_model_for, train
+from .experiment import RunConfig, check_inputs, evaluate, load_model_for, run_keys, train
 from .training import DEPLOY_ORDERS
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,10 @@ def split_options(values: dict) -> tuple[RunConfig, CompareConfig]:
     Raises:
         ValueError: unknown keys (the message lists the valid ones) or invalid values, all together.
     """
-    unknown = sorted(k for k in values if k not in flat_fields() and k not in COMPARE_KEYS and k != "paper")
+    valid = [*run_keys(), *COMPARE_KEYS]
+    unknown = sorted(k for k in values if k not in valid)
     if unknown:
-        valid = sorted([*flat_fields(), *COMPARE_KEYS, "paper"])
+        valid = sorted(valid)
         raise ValueError(f"Unknown option(s) {unknown}. Valid options: {', '.join(valid)}")
     if values.get("deploy_order", "none") != "none":
         raise ValueError(f"deploy_order={values['deploy_order']!r} is a single-run option; `mlora compare` takes "

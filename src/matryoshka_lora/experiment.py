@@ -79,6 +79,11 @@ def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     return out
 
 
+def run_keys() -> list[str]:
+    """Every flat key a run takes: its options (flat_fields) and `paper` (PAPER_PROTOCOL)."""
+    return [*flat_fields(), "paper"]
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
