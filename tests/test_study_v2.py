@@ -293,46 +293,22 @@ def test_defaults_of_variants(study):
                                                      "multirank_rows": "split", "deploy_order": "none"}
 
 
-def assert_library_defaults_are(defaults: dict, lr: float) -> None:
-    """MatryoshkaConfig / TrainConfig defaults train what `defaults` (study.defaults_of) stands for, at `lr`."""
+def test_library_defaults_are_the_measured_winner(study):
+    """The committed study is complete: MatryoshkaConfig / TrainConfig defaults must be its winner."""
     from matryoshka_lora import MatryoshkaConfig
     from matryoshka_lora.training import TrainConfig
+
+    w = json.loads((ROOT / "benchmarks" / "results" / "study" / "summary.json").read_text())["winner"]
+    assert w is not None, "summary.json names no winner: finish study v2 (benchmarks/accuracy.py --preset v2)"
 
     def trains(c):  # what a config trains: multirank's unset options are filled in by multirank_plan
         return c.method, c.init, c.multirank_plan() if c.method == "multirank" else None
 
-    fields = {k: v for k, v in defaults.items() if k != "deploy_order"}
+    fields = {k: v for k, v in w["defaults"].items() if k != "deploy_order"}
     assert set(fields) == {"method", "init", "multirank_rows", "ranks_per_step"}  # all that `trains` compares
     assert trains(MatryoshkaConfig()) == trains(MatryoshkaConfig(**fields))
-    assert TrainConfig().deploy_order == defaults["deploy_order"]
-    assert TrainConfig().learning_rate == lr  # the rate the variant was picked at
-
-
-def test_library_defaults_are_the_measured_winner(study):
-    """Once the committed study is complete, MatryoshkaConfig / TrainConfig defaults must be its winner."""
-    path = ROOT / "benchmarks" / "results" / "study" / "summary.json"
-    w = json.loads(path.read_text()).get("winner") if path.is_file() else None
-    if w is None:
-        pytest.skip("study v2 is not complete yet: no measured winner")
-    assert_library_defaults_are(w["defaults"], w["lr"])
-
-
-def test_until_a_winner_the_defaults_are_the_leader_among_variants_with_every_seed(study):
-    """Before summary.json names a winner (a task still has runs to score), the defaults are already the
-    variant that leads by the winner's score among those with every seed on every task (strict-match
-    where scored): the runs still missing belong to variants that cannot be picked."""
-    path = ROOT / "benchmarks" / "results" / "study" / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    if not summary.get("tasks") or summary.get("winner"):
-        pytest.skip("no study yet, or it has a winner (checked above)")
-    n_seeds = len(summary["protocol"]["seeds"])
-    tables = [t["methods"] if t.get("complete") else t.get("strict_so_far", {}) for t in summary["tasks"].values()]
-    names = [n for n in sorted(set.intersection(*(set(t) for t in tables)))
-             if all(len(t[n]["seeds"]) == n_seeds for t in tables)]
-    if not names:
-        pytest.skip("no variant has every seed on every task yet")
-    best = max(names, key=lambda n: study.cross_task_score(tables, n))
-    assert_library_defaults_are(study.defaults_of(best), tables[0][best]["lr"])
+    assert TrainConfig().deploy_order == w["defaults"]["deploy_order"]
+    assert TrainConfig().learning_rate == w["lr"]  # the rate the winner was picked at
 
 
 def test_summary_aurac_is_aurac_of_mean_per_rank(study):
